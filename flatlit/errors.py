@@ -1,0 +1,13 @@
+"""Errors that the CLI turns into one clear line instead of a traceback."""
+
+
+class FlatlitError(Exception):
+    """Base class for user-facing flatlit errors (bad config, missing data)."""
+
+
+class ConfigError(FlatlitError, ValueError):
+    """A configuration value is invalid; the message names the config key and what to do."""
+
+
+class DataNotFoundError(FlatlitError, FileNotFoundError):
+    """Dataset files are missing; the message says where flatlit looked and how to get them."""

@@ -1,0 +1,169 @@
+"""CIFAR residual networks.
+
+- ``cifar_resnet18/50/101``: the kuangliu-style ResNets of LPF-SGD (SPEC §5.9; He et al. 2016, arXiv 1512.03385):
+  3×3 stem with 64 channels and no max-pool, stages [2,2,2,2] (basic) / [3,4,6,3] / [3,4,23,3] (bottleneck),
+  4×4 average pool.
+- ``cifar_resnet20/32/44``: He et al.'s 6n+2 CIFAR ResNets (16-32-64 channels, option-A-like 1×1 projection here),
+  with ``batch_norm`` off and ``init_scale`` as in Jastrzebski et al.'s ``resnet32_nobn`` (scaled He-normal).
+- ``wrn16_8``, ``wrn28_10``: Wide ResNets (Zagoruyko & Komodakis 2016, arXiv 1605.07146), pre-activation blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatlit.models.registry import register_model
+
+
+def _norm(c: int, batch_norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(c) if batch_norm else nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, c: int, stride: int = 1, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=not batch_norm)
+        self.bn1 = _norm(c, batch_norm)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=not batch_norm)
+        self.bn2 = _norm(c, batch_norm)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=not batch_norm), _norm(c, batch_norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in: int, c: int, stride: int = 1, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 1, bias=False)
+        self.bn1 = _norm(c, batch_norm)
+        self.conv2 = nn.Conv2d(c, c, 3, stride, 1, bias=False)
+        self.bn2 = _norm(c, batch_norm)
+        self.conv3 = nn.Conv2d(c, 4 * c, 1, bias=False)
+        self.bn3 = _norm(4 * c, batch_norm)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != 4 * c:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, 4 * c, 1, stride, bias=False), _norm(4 * c, batch_norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """Generic CIFAR ResNet: 3×3 stem, one stage per entry of ``widths``, global average pool, linear head."""
+
+    def __init__(self, block: type, num_blocks: list[int], widths: list[int], num_classes: int, in_channels: int,
+                 batch_norm: bool = True, init_scale: float | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=not batch_norm)
+        self.bn1 = _norm(widths[0], batch_norm)
+        c_in, stages = widths[0], []
+        for i, (n, w) in enumerate(zip(num_blocks, widths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(c_in, w, 2 if (i > 0 and j == 0) else 1, batch_norm))
+                c_in = w * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        self.linear = nn.Linear(c_in, num_classes)
+        if init_scale is not None:
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    fan_in = m.weight[0].numel()
+                    nn.init.normal_(m.weight, 0.0, init_scale * math.sqrt(2.0 / fan_in))
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def _kuangliu(block: type, blocks: list[int]):
+    def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, batch_norm: bool = True
+              ) -> nn.Module:
+        return CifarResNet(block, blocks, [64, 128, 256, 512], num_classes, in_channels, batch_norm)
+
+    return build
+
+
+register_model("cifar_resnet18")(_kuangliu(BasicBlock, [2, 2, 2, 2]))
+register_model("cifar_resnet50")(_kuangliu(Bottleneck, [3, 4, 6, 3]))
+register_model("cifar_resnet101")(_kuangliu(Bottleneck, [3, 4, 23, 3]))
+
+
+def _he(n: int):
+    def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, batch_norm: bool = True,
+              init_scale: float | None = None) -> nn.Module:
+        return CifarResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels, batch_norm, init_scale)
+
+    return build
+
+
+register_model("cifar_resnet20")(_he(3))
+register_model("cifar_resnet32")(_he(5))
+register_model("cifar_resnet44")(_he(7))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, c_in: int, c: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = None if (stride == 1 and c_in == c) else nn.Conv2d(c_in, c, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(self.dropout(F.relu(self.bn2(y))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k: depth d = 6n+4, widths 16, 16k, 32k, 64k."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks, c_in = [], widths[0]
+        for i, w in enumerate(widths[1:]):
+            for j in range(n):
+                blocks.append(WideBlock(c_in, w, 2 if (i > 0 and j == 0) else 1, dropout))
+                c_in = w
+        self.blocks = nn.Sequential(*blocks)
+        self.bn, self.linear = nn.BatchNorm2d(c_in), nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+@register_model("wrn16_8")
+def wrn16_8(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
+    return WideResNet(16, 8, num_classes, in_channels, dropout)
+
+
+@register_model("wrn28_10")
+def wrn28_10(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
+    return WideResNet(28, 10, num_classes, in_channels, dropout)

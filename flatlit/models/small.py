@@ -1,0 +1,159 @@
+"""Small reference networks: LeNet, MLP, SimpleCNN, Neyshabur's FC and VGG, the CS-439 *Batch CNNs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatlit.models.registry import register_model
+
+
+class LeNet(nn.Module):
+    """The LeNet of LPF-SGD's MNIST runs (SPEC §5.9): conv32-conv64 (3×3) → maxpool → drop .25 → FC128 → drop .5."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        s = (image_size - 4) // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Dropout(0.25), nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(nn.Linear(64 * s * s, 128), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("lenet")
+def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
+    return LeNet(num_classes, in_channels, image_size)
+
+
+@register_model("mlp")
+def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, width: int = 512, depth: int = 1,
+        batch_norm: bool = False) -> nn.Module:
+    """Fully connected ReLU network with ``depth`` hidden layers of ``width`` units (optional BN before ReLU)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d_in = in_channels * image_size * image_size
+    for _ in range(depth):
+        layers += [nn.Linear(d_in, width)] + ([nn.BatchNorm1d(width)] if batch_norm else []) + [nn.ReLU()]
+        d_in = width
+    layers.append(nn.Linear(d_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_model("simple_cnn")
+def simple_cnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, filters: int = 32,
+               kernel_size: int = 3, n1: int = 1, n2: int = 1, n_dense: int = 128, batch_norm: bool = False,
+               dropout: float = 0.0) -> nn.Module:
+    """Jastrzebski et al.'s SimpleCNN (SPEC §3.5; arXiv 1807.05031).
+
+    [conv k same → (BN) → ReLU → conv k valid → (BN) → ReLU]×n1, maxpool 2, the same with 2F filters ×n2, maxpool 2,
+    Dense(n_dense) → (BN) → ReLU → (Dropout) → Dense(classes). Glorot-uniform init. ``root``: F=32, k=3;
+    ``medium``: F=100, k=5.
+    """
+    layers: list[nn.Module] = []
+    c, s = in_channels, image_size
+    for stage, n in ((1, n1), (2, n2)):
+        f = filters * stage
+        for _ in range(n):
+            for pad in (kernel_size // 2, 0):
+                layers.append(nn.Conv2d(c, f, kernel_size, padding=pad))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(f))
+                layers.append(nn.ReLU())
+                c = f
+                s = s if pad else s - kernel_size + 1
+        layers.append(nn.MaxPool2d(2))
+        s //= 2
+    if s < 1:
+        raise ValueError(f"simple_cnn: image_size {image_size} is too small for kernel_size {kernel_size}")
+    layers += [nn.Flatten(), nn.Linear(c * s * s, n_dense)]
+    layers += ([nn.BatchNorm1d(n_dense)] if batch_norm else []) + [nn.ReLU()]
+    layers += ([nn.Dropout(dropout)] if dropout > 0 else []) + [nn.Linear(n_dense, num_classes)]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class _BatchCNN(nn.Module):
+    """The CS-439 CNNs (SPEC §2.2): blocks Conv→ReLU→BN (conv biases on), two-layer head.
+
+    ``legacy_logsoftmax_dim0`` reproduces the original ``log_softmax(x, dim=0)`` over the batch (a bug);
+    the default returns plain logits.
+    """
+
+    def __init__(self, plan: list, padding: int, head: int, num_classes: int, in_channels: int, image_size: int,
+                 legacy_logsoftmax_dim0: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, s = in_channels, image_size
+        for v in plan:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                s //= 2
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=padding), nn.ReLU(), nn.BatchNorm2d(v)]
+                c, s = v, s - 2 + 2 * padding
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(c * s * s, head), nn.ReLU(), nn.Linear(head, num_classes))
+        self.legacy_logsoftmax_dim0 = legacy_logsoftmax_dim0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.features(x))
+        return F.log_softmax(out, dim=0) if self.legacy_logsoftmax_dim0 else out
+
+
+@register_model("simple_batch")
+def simple_batch(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+                 legacy_logsoftmax_dim0: bool = False) -> nn.Module:
+    return _BatchCNN([16, 32, "M", 64, 128, "M"], 0, 128, num_classes, in_channels, image_size,
+                     legacy_logsoftmax_dim0)
+
+
+@register_model("middle_batch")
+def middle_batch(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+                 legacy_logsoftmax_dim0: bool = False) -> nn.Module:
+    return _BatchCNN([16, 32, "M", 64, 128, "M", 256, 512, "M"], 1, 512, num_classes, in_channels, image_size,
+                     legacy_logsoftmax_dim0)
+
+
+@register_model("complex_batch")
+def complex_batch(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+                  legacy_logsoftmax_dim0: bool = False) -> nn.Module:
+    plan = [16, 32, 32, "M", 64, 128, 128, "M", 256, 512, 512, "M"]
+    return _BatchCNN(plan, 1, 512, num_classes, in_channels, image_size, legacy_logsoftmax_dim0)
+
+
+@register_model("neyshabur_fc")
+def neyshabur_fc(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, hidden: int = 1024
+                 ) -> nn.Module:
+    """Neyshabur et al.'s two-layer perceptron (SPEC §4.1): Linear(C·H·W → hidden) → ReLU → Linear."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+@register_model("neyshabur_vgg")
+def neyshabur_vgg(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Neyshabur et al.'s VGG (SPEC §4.1): conv3×3 64,64,M,128,128,M,256,256,M,512,512,A, no conv BN;
+    M = MaxPool2 + Dropout .5, A = MaxPool4 + Dropout .5; head Linear 512→512 → BN1d → ReLU → Dropout .5 → Linear.
+    Expects 32×32 inputs (the reference resizes to 32)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "A"):
+        if v == "M":
+            layers += [nn.MaxPool2d(2), nn.Dropout(0.5)]
+        elif v == "A":
+            layers += [nn.MaxPool2d(4), nn.Dropout(0.5)]
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = v
+    s = image_size // 32
+    layers += [nn.Flatten(), nn.Linear(512 * s * s, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(0.5),
+               nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
