@@ -45,13 +45,15 @@ def _torchvision(name: str, num_classes: int, in_channels: int, **kwargs: Any) -
     import torchvision
 
     if in_channels != 3:
-        raise ConfigError(f"model.init_args.arch: torchvision model {name!r} expects 3 input channels, "
-                          f"the data has {in_channels}.")
+        raise ConfigError(
+            f"model.init_args.arch: torchvision model {name!r} expects 3 input channels, the data has {in_channels}."
+        )
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: Any
-                 ) -> nn.Module:
+def create_model(
+    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: Any
+) -> nn.Module:
     """Build a model by name.
 
     Raises:

@@ -65,8 +65,16 @@ class Bottleneck(nn.Module):
 class CifarResNet(nn.Module):
     """Generic CIFAR ResNet: 3×3 stem, one stage per entry of ``widths``, global average pool, linear head."""
 
-    def __init__(self, block: type, num_blocks: list[int], widths: list[int], num_classes: int, in_channels: int,
-                 batch_norm: bool = True, init_scale: float | None = None) -> None:
+    def __init__(
+        self,
+        block: type,
+        num_blocks: list[int],
+        widths: list[int],
+        num_classes: int,
+        in_channels: int,
+        batch_norm: bool = True,
+        init_scale: float | None = None,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=not batch_norm)
         self.bn1 = _norm(widths[0], batch_norm)
@@ -93,8 +101,7 @@ class CifarResNet(nn.Module):
 
 
 def _kuangliu(block: type, blocks: list[int]):
-    def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, batch_norm: bool = True
-              ) -> nn.Module:
+    def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, batch_norm: bool = True) -> nn.Module:
         return CifarResNet(block, blocks, [64, 128, 256, 512], num_classes, in_channels, batch_norm)
 
     return build
@@ -106,8 +113,13 @@ register_model("cifar_resnet101")(_kuangliu(Bottleneck, [3, 4, 23, 3]))
 
 
 def _he(n: int):
-    def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, batch_norm: bool = True,
-              init_scale: float | None = None) -> nn.Module:
+    def build(
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        batch_norm: bool = True,
+        init_scale: float | None = None,
+    ) -> nn.Module:
         return CifarResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels, batch_norm, init_scale)
 
     return build

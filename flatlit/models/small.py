@@ -16,11 +16,17 @@ class LeNet(nn.Module):
         super().__init__()
         s = (image_size - 4) // 2
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Dropout(0.25), nn.Flatten(),
+            nn.Conv2d(in_channels, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+            nn.Flatten(),
         )
-        self.classifier = nn.Sequential(nn.Linear(64 * s * s, 128), nn.ReLU(), nn.Dropout(0.5),
-                                        nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * s * s, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -32,8 +38,14 @@ def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> 
 
 
 @register_model("mlp")
-def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, width: int = 512, depth: int = 1,
-        batch_norm: bool = False) -> nn.Module:
+def mlp(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    width: int = 512,
+    depth: int = 1,
+    batch_norm: bool = False,
+) -> nn.Module:
     """Fully connected ReLU network with ``depth`` hidden layers of ``width`` units (optional BN before ReLU)."""
     layers: list[nn.Module] = [nn.Flatten()]
     d_in = in_channels * image_size * image_size
@@ -45,9 +57,18 @@ def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, width
 
 
 @register_model("simple_cnn")
-def simple_cnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, filters: int = 32,
-               kernel_size: int = 3, n1: int = 1, n2: int = 1, n_dense: int = 128, batch_norm: bool = False,
-               dropout: float = 0.0) -> nn.Module:
+def simple_cnn(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+    filters: int = 32,
+    kernel_size: int = 3,
+    n1: int = 1,
+    n2: int = 1,
+    n_dense: int = 128,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+) -> nn.Module:
     """Jastrzebski et al.'s SimpleCNN (SPEC §3.5; arXiv 1807.05031).
 
     [conv k same → (BN) → ReLU → conv k valid → (BN) → ReLU]×n1, maxpool 2, the same with 2F filters ×n2, maxpool 2,
@@ -88,8 +109,16 @@ class _BatchCNN(nn.Module):
     the default returns plain logits.
     """
 
-    def __init__(self, plan: list, padding: int, head: int, num_classes: int, in_channels: int, image_size: int,
-                 legacy_logsoftmax_dim0: bool = False) -> None:
+    def __init__(
+        self,
+        plan: list,
+        padding: int,
+        head: int,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        legacy_logsoftmax_dim0: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c, s = in_channels, image_size
@@ -110,32 +139,44 @@ class _BatchCNN(nn.Module):
 
 
 @register_model("simple_batch")
-def simple_batch(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 legacy_logsoftmax_dim0: bool = False) -> nn.Module:
-    return _BatchCNN([16, 32, "M", 64, 128, "M"], 0, 128, num_classes, in_channels, image_size,
-                     legacy_logsoftmax_dim0)
+def simple_batch(
+    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, legacy_logsoftmax_dim0: bool = False
+) -> nn.Module:
+    return _BatchCNN([16, 32, "M", 64, 128, "M"], 0, 128, num_classes, in_channels, image_size, legacy_logsoftmax_dim0)
 
 
 @register_model("middle_batch")
-def middle_batch(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 legacy_logsoftmax_dim0: bool = False) -> nn.Module:
-    return _BatchCNN([16, 32, "M", 64, 128, "M", 256, 512, "M"], 1, 512, num_classes, in_channels, image_size,
-                     legacy_logsoftmax_dim0)
+def middle_batch(
+    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, legacy_logsoftmax_dim0: bool = False
+) -> nn.Module:
+    return _BatchCNN(
+        [16, 32, "M", 64, 128, "M", 256, 512, "M"],
+        1,
+        512,
+        num_classes,
+        in_channels,
+        image_size,
+        legacy_logsoftmax_dim0,
+    )
 
 
 @register_model("complex_batch")
-def complex_batch(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                  legacy_logsoftmax_dim0: bool = False) -> nn.Module:
+def complex_batch(
+    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, legacy_logsoftmax_dim0: bool = False
+) -> nn.Module:
     plan = [16, 32, 32, "M", 64, 128, 128, "M", 256, 512, 512, "M"]
     return _BatchCNN(plan, 1, 512, num_classes, in_channels, image_size, legacy_logsoftmax_dim0)
 
 
 @register_model("neyshabur_fc")
-def neyshabur_fc(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, hidden: int = 1024
-                 ) -> nn.Module:
+def neyshabur_fc(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, hidden: int = 1024) -> nn.Module:
     """Neyshabur et al.'s two-layer perceptron (SPEC §4.1): Linear(C·H·W → hidden) → ReLU → Linear."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU(),
-                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 @register_model("neyshabur_vgg")
@@ -154,6 +195,12 @@ def neyshabur_vgg(num_classes: int = 10, in_channels: int = 3, image_size: int =
             layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
             c = v
     s = image_size // 32
-    layers += [nn.Flatten(), nn.Linear(512 * s * s, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(0.5),
-               nn.Linear(512, num_classes)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(512 * s * s, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(512, num_classes),
+    ]
     return nn.Sequential(*layers)
