@@ -9,9 +9,11 @@ are injected callables (LightningCLI ``OptimizerCallable``/``LRSchedulerCallable
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -24,6 +26,12 @@ from flatlit.models import create_model
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def _numpy_state_to_safe(state: tuple) -> tuple:
+    """NumPy's RNG state with its key array as a tensor, so ``torch.load(weights_only=True)`` accepts it."""
+    kind, keys, pos, has_gauss, gauss = state
+    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
 
 
 class ClassificationModule(pl.LightningModule):
@@ -141,6 +149,27 @@ class ClassificationModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_acc.compute())
         self.test_acc.reset()
+
+    # ---- exact resume ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the RNG states (dropout, noise draws) so a resumed run continues the same random stream."""
+        checkpoint["flatlit_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state_to_safe(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("flatlit_rng")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
 
     # ---- optimizers -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
