@@ -77,6 +77,7 @@ class ClassificationModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self._train_sums: torch.Tensor | None = None
+        self._train_keys: list[str] = []
         self._epoch_train_acc: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,22 +87,31 @@ class ClassificationModule(pl.LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     # ---- logging helpers --------------------------------------------------------------------------------------
-    def log_train(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Accumulate the clean training loss and accuracy of one batch.
+    def log_train(
+        self,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        extras: dict[str, torch.Tensor | float] | None = None,
+    ) -> None:
+        """Accumulate one batch's training loss, accuracy and family-specific scalars (``extras``, step means).
 
-        Sums (loss·n, correct, n) are kept as tensors and logged once per epoch, after one all-reduce (exact means
-        over uneven shards, as torchmetrics does). A per-step ``self.log`` costs ~1 ms in Lightning, which is a
-        measurable share of a small model's step.
+        Sums are kept as tensors and logged once per epoch after a single all-reduce (exact means over uneven
+        shards, as torchmetrics does): a per-step ``self.log`` costs ~1 ms in Lightning, a measurable share of a
+        small model's step.
         """
         n = y.numel()
-        stats = torch.stack(
-            [
-                loss.detach().float() * n,
-                (logits.detach().argmax(-1) == y).sum().float(),
-                torch.tensor(float(n), device=loss.device),
-            ]
-        )
-        self._train_sums = stats if self._train_sums is None else self._train_sums + stats
+        dev = loss.device
+        vals = [loss.detach().float() * n, (logits.detach().argmax(-1) == y).sum().float(), torch.tensor(float(n))]
+        vals[2] = vals[2].to(dev)
+        keys = sorted(extras) if extras else []
+        vals += [torch.as_tensor(extras[k], dtype=torch.float32, device=dev).detach().reshape(()) for k in keys]
+        vals.append(torch.ones((), device=dev))
+        stats = torch.stack(vals)
+        if self._train_sums is None or self._train_keys != keys:
+            self._train_sums, self._train_keys = stats, keys
+        else:
+            self._train_sums = self._train_sums + stats
         if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._log_train_epoch()
 
@@ -109,10 +119,12 @@ class ClassificationModule(pl.LightningModule):
         if self._train_sums is None:
             return
         sums = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum")
-        self._train_sums = None
+        keys, self._train_sums = self._train_keys, None
         self._epoch_train_acc = sums[1] / sums[2]
         self.log("train/loss", sums[0] / sums[2], on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self._epoch_train_acc, on_step=False, on_epoch=True)
+        for i, k in enumerate(keys):
+            self.log(k, sums[3 + i] / sums[-1], on_step=False, on_epoch=True)
         opt = self.optimizers(use_pl_optimizer=False)
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("lr", float(opt.param_groups[0]["lr"]), on_step=False, on_epoch=True)

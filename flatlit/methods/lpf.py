@@ -1,0 +1,103 @@
+"""LPF-SGD: low-pass filtering SGD (Bisla, Wang, Choromanska 2022, arXiv 2201.08025; SPEC §5.2).
+
+The stepped gradient is a Monte-Carlo estimate of ∇(L ⊛ K_Σ)(w) = E_{ε~N(0,Σ)} ∇L(w + ε): the batch is split
+into M chunks, each evaluated at its own noisy point, and the chunk gradients are averaged. Σ is diagonal with a
+per-filter std σ_j = γ‖w_j‖ (per tensor for 1-D parameters); γ follows the CosineInc schedule, stepped per
+optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flatlit.errors import ConfigError
+from flatlit.methods._perturb import cosine_inc, frozen_bn_stats, lpf_noise
+from flatlit.methods.perturbation import PerturbationModule
+
+
+class LPFSGD(PerturbationModule):
+    """LPF-SGD around any injected base optimizer (the paper uses SGD with momentum 0.9).
+
+    Args:
+        gamma: γ₀, the noise std relative to the filter norm (0.001 MNIST, 0.002 CIFAR, 0.0005 ImageNet).
+        num_samples: M, Monte-Carlo samples per step; the batch is split into M chunks (must divide the batch size).
+        inc: CosineInc final multiple: γ rises from γ₀ to inc·γ₀ along a half cosine over training (1 = fixed γ;
+            the README's α=15 means ``inc=16`` in the original's ``CosineInc(..., inc - 1)`` convention, see SPEC).
+        exclude_bn: leave BatchNorm parameters unperturbed (the original perturbs all parameters).
+        exclude_bias: leave biases unperturbed.
+        bn_stats_on_noisy_pass: BatchNorm statistics update during the noisy passes (the original). When False
+            they are frozen during the noisy passes and updated by one extra clean forward pass.
+        clean_loss: log ``train/loss``/``train/acc`` at the clean weights with one extra no-grad forward pass;
+            by default they are measured at the noisy points (free; the noisy loss is what the original logs).
+        **kwargs: :class:`~flatlit.methods.perturbation.PerturbationModule` arguments.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        gamma: float = 0.002,
+        num_samples: int = 1,
+        inc: float = 1.0,
+        exclude_bn: bool = False,
+        exclude_bias: bool = False,
+        bn_stats_on_noisy_pass: bool = True,
+        clean_loss: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if gamma < 0:
+            raise ConfigError(f"model.init_args.gamma: must be >= 0, got {gamma}.")
+        if num_samples < 1:
+            raise ConfigError(f"model.init_args.num_samples: M must be >= 1, got {num_samples}.")
+        if inc < 1:
+            raise ConfigError(f"model.init_args.inc: the final multiple of gamma must be >= 1, got {inc}.")
+        super().__init__(*args, **kwargs)
+        self.gamma0, self.num_samples, self.inc = gamma, num_samples, inc
+        self.exclude_bn, self.exclude_bias = exclude_bn, exclude_bias
+        self.bn_stats_on_noisy_pass, self.clean_loss = bn_stats_on_noisy_pass, clean_loss
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        bs = getattr(dm, "batch_size", None)
+        if bs is not None and bs % self.num_samples:
+            raise ConfigError(
+                f"model.init_args.num_samples: M={self.num_samples} must divide data.init_args.batch_size={bs}."
+            )
+
+    def current_gamma(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self.inc != 1 else 0
+        return cosine_inc(self.global_step, int(total), self.gamma0, self.inc)
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool):
+        params = [p for _, p in self.named_trainable(self.exclude_bn, self.exclude_bias)]
+        gamma = self.current_gamma()
+        gen = self.noise_generator()
+        saved = self.backup(params)
+        chunks = list(zip(torch.tensor_split(x, self.num_samples), torch.tensor_split(y, self.num_samples)))
+        losses, logits_all = [], []
+        for i, (xc, yc) in enumerate(chunks):
+            if len(yc) == 0:
+                continue
+            noise = lpf_noise(params, gamma, gen)
+            with torch.no_grad():
+                torch._foreach_add_([p.data for p in params], noise)
+            last = i == len(chunks) - 1
+            with frozen_bn_stats(self.model, not self.bn_stats_on_noisy_pass), self.no_sync(not (sync and last)):
+                logits = self(xc)
+                loss = self.loss_fn(logits, yc)
+                self.manual_backward(loss * (len(yc) / len(y)) * scale)
+            self.restore(params, saved)
+            losses.append(loss.detach() * len(yc))
+            logits_all.append(logits.detach())
+        noisy_loss = torch.stack(losses).sum() / len(y)
+        logits = torch.cat(logits_all)
+        loss = noisy_loss
+        if self.clean_loss or not self.bn_stats_on_noisy_pass:
+            with torch.no_grad(), frozen_bn_stats(self.model, self.bn_stats_on_noisy_pass):
+                logits = self(x)
+                loss = self.loss_fn(logits, y)
+        extras = {"train/noisy_loss": noisy_loss, "train/gamma": gamma,
+                  "train/passes_per_step": float(self.num_samples * self.accumulate_grad_batches)}
+        return loss, logits, extras

@@ -1,0 +1,211 @@
+"""Shared machinery of the multi-pass perturbation families (SAM, LPF-SGD, SmoothOut, Entropy-SGD).
+
+Manual optimization, done so Lightning behaves as with automatic optimization (PEERS §4.1, §9):
+
+- exactly one ``LightningOptimizer.step()`` per optimizer update (per batch, or per ``accumulate_grad_batches``
+  batches), so ``global_step``, ``max_steps``, ModelCheckpoint and per-step schedulers count as usual
+  (Lightning issue #16143); ``configure_optimizers`` returns the plain base optimizer, so its state (momentum) is
+  checkpointed and perturbation buffers are not;
+- gradient clipping and accumulation are offered here (Lightning refuses both in manual mode); clipping acts on
+  the gradient that is stepped, after the last (perturbed) pass and, under DDP, after the all-reduce;
+- LR schedulers are stepped by the module (Lightning leaves that to manual-optimization modules);
+- passes whose gradient must stay local run under ``strategy.block_backward_sync()`` (no DDP all-reduce);
+- a module-owned noise generator (seeded by ``noise_seed`` and the rank) is saved in the checkpoint, and every
+  schedule reads ``global_step``, so a resumed run draws the same noise;
+- ``16-mixed`` precision is refused in ``setup()``: the loss scaler would see several backward passes per
+  step. ``32-true`` and ``bf16-mixed`` work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import nn
+
+from flatlit.errors import ConfigError
+from flatlit.methods._perturb import is_bn_param
+from flatlit.methods.base import ClassificationModule
+
+
+class PerturbationModule(ClassificationModule):
+    """Base class of the manual-optimization families.
+
+    Args:
+        gradient_clip_val: clip the stepped gradient to this norm (or value); None disables clipping.
+        gradient_clip_algorithm: ``norm`` or ``value``.
+        accumulate_grad_batches: optimizer update every k batches (gradients of the k batches averaged).
+        noise_seed: seed of the perturbation noise generator (offset by the DDP rank).
+        **kwargs: :class:`~flatlit.methods.base.ClassificationModule` arguments (arch, optimizer, ...).
+
+    Subclasses implement :meth:`compute_gradients`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
+        noise_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ConfigError(
+                f"model.init_args.gradient_clip_algorithm: 'norm' or 'value', got {gradient_clip_algorithm!r}."
+            )
+        if accumulate_grad_batches < 1:
+            raise ConfigError(f"model.init_args.accumulate_grad_batches: must be >= 1, got {accumulate_grad_batches}.")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ConfigError(f"model.init_args.gradient_clip_val: must be > 0 or null, got {gradient_clip_val}.")
+        self.automatic_optimization = False
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.noise_seed = noise_seed
+        self._micro = 0
+        self._gen: torch.Generator | None = None
+        self._gen_state: torch.Tensor | None = None
+        self._backup: list[torch.Tensor] | None = None
+
+    # ---- Lightning plumbing -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision in ("16-mixed", "16", "16-true"):
+            raise ConfigError(
+                f"trainer.precision: {type(self).__name__} runs several backward passes per step and does not "
+                f"support precision={precision!r}; use '32-true' or 'bf16-mixed'."
+            )
+
+    def noise_generator(self) -> torch.Generator:
+        """The module's noise generator on the parameters' device (restored from the checkpoint if resuming)."""
+        device = next(self.parameters()).device
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._gen.manual_seed(self.noise_seed * 1_000_003 + self.rank_offset() * rank)
+            if self._gen_state is not None:
+                self._gen.set_state(self._gen_state)
+                self._gen_state = None
+        return self._gen
+
+    def rank_offset(self) -> int:
+        """Multiplier of the rank in the noise seed (0 gives every rank the same noise)."""
+        return 7919
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._gen is not None:
+            checkpoint["flatlit_noise_rng"] = self._gen.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._gen_state = checkpoint.get("flatlit_noise_rng")
+        self._gen = None
+
+    def no_sync(self, enabled: bool = True) -> AbstractContextManager:
+        """Skip the DDP gradient all-reduce for the backward passes inside (a no-op without DDP)."""
+        strategy = self.trainer.strategy
+        if enabled and isinstance(strategy, ParallelStrategy):
+            return strategy.block_backward_sync()
+        return nullcontext()
+
+    # ---- parameter helpers --------------------------------------------------------------------------------------
+    def named_trainable(self, exclude_bn: bool = False, exclude_bias: bool = False) -> list[tuple[str, nn.Parameter]]:
+        bn = is_bn_param(self.model) if exclude_bn else set()
+        return [
+            (n, p)
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in bn and not (exclude_bias and n.endswith("bias"))
+        ]
+
+    def backup(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy the parameters into reusable buffers (kept outside the optimizer state)."""
+        if self._backup is None or len(self._backup) != len(params) or any(
+            b.shape != p.shape or b.device != p.device for b, p in zip(self._backup, params)
+        ):
+            self._backup = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._backup, [p.detach() for p in params])
+        return self._backup
+
+    @staticmethod
+    def restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+        """Copy the saved values back: the clean weights are restored bit for bit."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], list(saved))
+
+    @staticmethod
+    def take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Remove and return the current gradients (used to keep accumulated grads out of a local pass)."""
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
+    @staticmethod
+    def put_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    # ---- the training step --------------------------------------------------------------------------------------
+    def compute_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Accumulate ``scale`` × this family's gradient into ``.grad``.
+
+        ``sync`` is True on the pass that ends an optimizer update (its backward all-reduces under DDP).
+        Returns (loss, logits, extras) for logging: the training loss and logits, and family scalars.
+        """
+        raise NotImplementedError
+
+    def is_update_batch(self) -> bool:
+        last = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return last or self._micro + 1 >= self.accumulate_grad_batches
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        step_now = self.is_update_batch()
+        loss, logits, extras = self.compute_gradients(x, y, 1.0 / self.accumulate_grad_batches, sync=step_now)
+        if step_now:
+            self.optimizer_update()
+        else:
+            self._micro += 1
+        self.log_train(loss, logits, y, extras)
+
+    def optimizer_update(self) -> None:
+        """Clip, take exactly one optimizer step, zero the gradients, step per-step schedulers."""
+        opt = self.optimizers()
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(opt, self.gradient_clip_val, self.gradient_clip_algorithm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self._micro = 0
+        if self.hparams.scheduler_interval == "step":
+            self._step_schedulers()
+
+    def _step_schedulers(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
+                if metric is not None:
+                    sch.step(metric)
+            else:
+                sch.step()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.hparams.scheduler_interval == "epoch":
+            self._step_schedulers()
