@@ -98,6 +98,9 @@ class LPFSGD(PerturbationModule):
             with torch.no_grad(), frozen_bn_stats(self.model, self.bn_stats_on_noisy_pass):
                 logits = self(x)
                 loss = self.loss_fn(logits, y)
-        extras = {"train/noisy_loss": noisy_loss, "train/gamma": gamma,
-                  "train/passes_per_step": float(self.num_samples * self.accumulate_grad_batches)}
+        extras = {
+            "train/noisy_loss": noisy_loss,
+            "train/gamma": gamma,
+            "train/passes_per_step": float(self.num_samples * self.accumulate_grad_batches),
+        }
         return loss, logits, extras

@@ -125,8 +125,10 @@ class PerturbationModule(ClassificationModule):
 
     def backup(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Copy the parameters into reusable buffers (kept outside the optimizer state)."""
-        if self._backup is None or len(self._backup) != len(params) or any(
-            b.shape != p.shape or b.device != p.device for b, p in zip(self._backup, params)
+        if (
+            self._backup is None
+            or len(self._backup) != len(params)
+            or any(b.shape != p.shape or b.device != p.device for b, p in zip(self._backup, params))
         ):
             self._backup = [torch.empty_like(p) for p in params]
         with torch.no_grad():

@@ -102,6 +102,9 @@ class SmoothOut(PerturbationModule):
             with torch.no_grad(), frozen_bn_stats(self.model, self.bn_stats_on_noisy_pass):
                 logits = self(x)
                 loss = self.loss_fn(logits, y)
-        extras = {"train/noisy_loss": noisy_loss, "train/noise_amplitude": self.a * c,
-                  "train/passes_per_step": float(len(chunks) * self.accumulate_grad_batches)}
+        extras = {
+            "train/noisy_loss": noisy_loss,
+            "train/noise_amplitude": self.a * c,
+            "train/passes_per_step": float(len(chunks) * self.accumulate_grad_batches),
+        }
         return loss, logits, extras
