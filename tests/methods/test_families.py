@@ -277,7 +277,7 @@ def test_bf16_mixed_runs_and_16_mixed_is_refused(mnist_dir):
     trainer(max_steps=2, precision="bf16-mixed").fit(module, datamodule=dm)
     assert all(torch.isfinite(p).all() for p in module.parameters())
     module._trainer = SimpleNamespace(precision="16-mixed")  # CPU Trainers refuse 16-mixed before setup()
-    with pytest.raises(ConfigError, match="trainer.precision: SAM .* does not support precision='16-mixed'"):
+    with pytest.raises(ConfigError, match=r"trainer.precision: SAM .* does not support precision='16-mixed'"):
         module.setup("fit")
 
 
@@ -314,5 +314,5 @@ def test_bad_arguments_name_the_key(cls, kwargs, key):
 
 def test_lpf_m_must_divide_batch(mnist_dir):
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=48, download=False)
-    with pytest.raises(ConfigError, match="num_samples: M=5 must divide data.init_args.batch_size=48"):
+    with pytest.raises(ConfigError, match=r"num_samples: M=5 must divide data.init_args.batch_size=48"):
         trainer(max_steps=1).fit(LPFSGD(**ARCH, num_samples=5), datamodule=dm)
