@@ -22,6 +22,21 @@ class EpochTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
+class StepTimer(pl.Callback):
+    """Wall time of each training batch (forward, backward(s), optimizer step, hooks)."""
+
+    def __init__(self, skip: int = 3) -> None:
+        self.skip = skip
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.skip:  # the first steps allocate buffers
+            self.times.append(time.perf_counter() - self._t)
+
+
 def timed(fn: Callable[[], None]) -> float:
     t = time.perf_counter()
     fn()

@@ -67,13 +67,17 @@ def filter_sigma(p: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma * (torch.linalg.vector_norm(p.detach()) + 1e-16)
 
 
-def lpf_noise(params: Sequence[torch.Tensor], gamma: float, gen: torch.Generator) -> list[torch.Tensor]:
-    """Gaussian noise ε ~ N(0, diag σ²) with LPF-SGD's filter-wise σ (Bisla et al. 2022, arXiv 2201.08025)."""
-    out = []
-    for p in params:
-        n = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-        out.append(n.mul_(filter_sigma(p, gamma)))
-    return out
+def lpf_noise(
+    params: Sequence[torch.Tensor], gamma: float, gen: torch.Generator, out: Sequence[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Gaussian noise ε ~ N(0, diag σ²) with LPF-SGD's filter-wise σ (Bisla et al. 2022, arXiv 2201.08025).
+
+    ``out``: optional buffers (one per parameter) filled in place, so a training loop allocates nothing per step.
+    """
+    bufs = [torch.empty_like(p) for p in params] if out is None else list(out)
+    for p, n in zip(params, bufs):
+        n.normal_(generator=gen).mul_(filter_sigma(p, gamma))
+    return bufs
 
 
 def cosine_inc(step: int, total_steps: int, gamma0: float, inc: float) -> float:
@@ -100,20 +104,27 @@ def smoothout_scale(schedule: str, t: int, total: int, anneal_index: float = 0.5
 
 
 def smoothout_noise(
-    params: Sequence[torch.Tensor], a: float, c: float, adapt: str, noise_type: str, gen: torch.Generator
+    params: Sequence[torch.Tensor],
+    a: float,
+    c: float,
+    adapt: str,
+    noise_type: str,
+    gen: torch.Generator,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """SmoothOut / AdaSmoothOut noise (Wen et al. 2018, arXiv 1805.07898; SPEC §1.2, §5.5).
 
     r ~ U(−1, 1) (or N(0, 1)); ``none``: n = a·c·r; ``weight``: n = a·c·|p|·r; ``filter``: per output slice j,
     n_j = r_j/(‖r_j‖+1e-6)·‖p_j‖·a·c (1-D tensors per element: sign(r)|p|ac); ``tensor`` (ASO, as LPF-SGD
-    intended): n = a·c·‖p‖·r.
+    intended): n = a·c·‖p‖·r. ``out``: optional buffers filled in place.
     """
-    out = []
-    for p in params:
+    bufs = [torch.empty_like(p) for p in params] if out is None else list(out)
+    result = []
+    for p, r in zip(params, bufs):
         if noise_type == "uniform":
-            r = torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype).mul_(2).sub_(1)
+            r.uniform_(-1.0, 1.0, generator=gen)
         else:
-            r = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            r.normal_(generator=gen)
         if adapt == "none":
             n = r.mul_(a * c)
         elif adapt == "weight":
@@ -129,8 +140,8 @@ def smoothout_noise(
                 n = r.div_(r.abs() + 1e-6).mul_(p.detach().abs()).mul_(a * c)
         else:
             raise ValueError(f"adapt must be one of {SMOOTHOUT_ADAPT}, got {adapt!r}")
-        out.append(n)
-    return out
+        result.append(n)
+    return result
 
 
 def is_bn_param(module: nn.Module) -> set[int]:

@@ -80,7 +80,7 @@ class LPFSGD(PerturbationModule):
         for i, (xc, yc) in enumerate(chunks):
             if len(yc) == 0:
                 continue
-            noise = lpf_noise(params, gamma, gen)
+            noise = lpf_noise(params, gamma, gen, self.noise_buffers(params))
             with torch.no_grad():
                 torch._foreach_add_([p.data for p in params], noise)
             last = i == len(chunks) - 1

@@ -135,6 +135,15 @@ class PerturbationModule(ClassificationModule):
             torch._foreach_copy_(self._backup, [p.detach() for p in params])
         return self._backup
 
+    def noise_buffers(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Reusable noise buffers, one per parameter (no allocation per step)."""
+        bufs = getattr(self, "_noise_bufs", None)
+        if bufs is None or len(bufs) != len(params) or any(
+            b.shape != p.shape or b.device != p.device or b.dtype != p.dtype for b, p in zip(bufs, params)
+        ):
+            bufs = self._noise_bufs = [torch.empty_like(p) for p in params]
+        return bufs
+
     @staticmethod
     def restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
         """Copy the saved values back: the clean weights are restored bit for bit."""
@@ -190,7 +199,7 @@ class PerturbationModule(ClassificationModule):
         if self.gradient_clip_val is not None:
             self.clip_gradients(opt, self.gradient_clip_val, self.gradient_clip_algorithm)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # zeroed in place: the gradient buffers are reused by the next step
         self._micro = 0
         if self.hparams.scheduler_interval == "step":
             self._step_schedulers()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import SAM_ADAPTIVE, frozen_bn_stats, sam_epsilon, sam_scales
+from flatlit.methods._perturb import SAM_ADAPTIVE, frozen_bn_stats, global_grad_norm, sam_scales
 from flatlit.methods.perturbation import PerturbationModule
 
 
@@ -59,29 +59,36 @@ class SAM(PerturbationModule):
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool):
         named = self.named_trainable()
-        names, params = [n for n, _ in named], [p for _, p in named]
-        accumulated = self.take_grads(params)
+        stash = None
+        if self._micro > 0:  # keep the accumulated pass-2 gradients out of this micro-batch's ascent direction
+            stash = [p.grad.clone() if p.grad is not None else None for _, p in named]
+            for _, p in named:
+                if p.grad is not None:
+                    p.grad.zero_()
         with self.no_sync(not self.sync_perturbation):  # pass 1 at w
             logits = self(x)
             loss = self.loss_fn(logits, y)
             self.manual_backward(loss)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        named = [(n, p) for n, p in named if p.grad is not None]  # parameters without gradient stay unperturbed
+        names, params = [n for n, _ in named], [p for _, p in named]
+        grads = [p.grad for p in params]
         with torch.no_grad():
-            eps, norm = sam_epsilon(grads, self.rho, sam_scales(params, names, self.adaptive, self.eta))
-        for p in params:
-            p.grad = None
-        self.put_grads(params, accumulated)
-        saved = self.backup(params)
-        with torch.no_grad():
-            torch._foreach_add_([p.data for p in params], eps)
+            # ε = ρ T² g / ‖T g‖, computed in place in the gradient buffers (no allocation per step)
+            scales = sam_scales(params, names, self.adaptive, self.eta)
+            norm = global_grad_norm(grads, None if self.adaptive == "none" else scales)
+            for g, s in zip(grads, scales):
+                if s is not None:
+                    g.mul_(s).mul_(s)
+            torch._foreach_mul_(grads, self.rho / (norm + 1e-12))
+            saved = self.backup(params)
+            torch._foreach_add_([p.data for p in params], grads)
+            torch._foreach_zero_(grads)
+        if stash is not None:
+            self.put_grads([p for _, p in self.named_trainable()], stash)
         with frozen_bn_stats(self.model, self.bn_stats == "first"), self.no_sync(not sync):  # pass 2 at w + ε
             perturbed_loss = self.loss_fn(self(x), y)
             self.manual_backward(perturbed_loss * scale)
         self.restore(params, saved)
-        extras = {
-            "train/perturbed_loss": perturbed_loss.detach(),
-            "train/grad_norm": norm,
-            "train/rho": self.rho,
-            "train/passes_per_step": 2.0 * self.accumulate_grad_batches,
-        }
+        extras = {"train/perturbed_loss": perturbed_loss.detach(), "train/grad_norm": norm, "train/rho": self.rho,
+                  "train/passes_per_step": 2.0 * self.accumulate_grad_batches}
         return loss, logits, extras

@@ -85,7 +85,7 @@ class SmoothOut(PerturbationModule):
         losses, logits_all = [], []
         for i, (xc, yc) in enumerate(chunks):
             if self.a > 0:
-                noise = smoothout_noise(params, self.a, c, self.adapt, self.noise_type, gen)
+                noise = smoothout_noise(params, self.a, c, self.adapt, self.noise_type, gen, self.noise_buffers(params))
                 with torch.no_grad():
                     torch._foreach_add_([p.data for p in params], noise)
             last = i == len(chunks) - 1
