@@ -64,8 +64,8 @@ def time_family(name: str, args, dm: FashionMNISTDataModule) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="lenet")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--data-dir", default=DEBIAN_FASHION_MNIST)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
