@@ -13,16 +13,33 @@ def main(data_dir: str, out: str) -> None:
     results = {}
     for sync in (False, True):
         torch.manual_seed(0)
-        module = SAM(arch="mlp", arch_kwargs={"width": 16, "batch_norm": True}, rho=0.05, sync_perturbation=sync,
-                     optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        module = SAM(
+            arch="mlp",
+            arch_kwargs={"width": 16, "batch_norm": True},
+            rho=0.05,
+            sync_perturbation=sync,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        )
         w0 = [p.detach().clone() for p in module.model.parameters()]
         dm = MNISTDataModule(data_dir=data_dir, batch_size=60, download=False)
-        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             limit_val_batches=0, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(module, datamodule=dm)
-        results[sync] = {"w0": w0, "w1": [p.detach().clone() for p in module.model.parameters()],
-                         "step": trainer.global_step}
+        results[sync] = {
+            "w0": w0,
+            "w1": [p.detach().clone() for p in module.model.parameters()],
+            "step": trainer.global_step,
+        }
     rank = torch.distributed.get_rank()
     torch.save(results, f"{out}.{rank}")
 

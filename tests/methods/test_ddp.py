@@ -26,8 +26,9 @@ def grad(model, values, x, y):
 
 def rank_batch(dm, rank):
     base = dm.train_dataloader()
-    loader = InMemoryLoader(base.images, base.targets, 60, base.transform, shuffle=True, seed=dm.seed, rank=rank,
-                            world_size=2)
+    loader = InMemoryLoader(
+        base.images, base.targets, 60, base.transform, shuffle=True, seed=dm.seed, rank=rank, world_size=2
+    )
     return next(iter(loader))
 
 
@@ -36,9 +37,22 @@ def test_sam_ddp_per_replica_perturbation(tmp_path, mnist_dir):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     out = str(tmp_path / "res")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533",
-                    os.path.join(os.path.dirname(__file__), "ddp_sam_worker.py"), mnist_dir, out],
-                   check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            os.path.join(os.path.dirname(__file__), "ddp_sam_worker.py"),
+            mnist_dir,
+            out,
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
     res = [torch.load(f"{out}.{r}") for r in range(2)]
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=60, download=False)
     dm.setup("fit")

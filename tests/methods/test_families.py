@@ -316,3 +316,20 @@ def test_lpf_m_must_divide_batch(mnist_dir):
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=48, download=False)
     with pytest.raises(ConfigError, match=r"num_samples: M=5 must divide data.init_args.batch_size=48"):
         trainer(max_steps=1).fit(LPFSGD(**ARCH, num_samples=5), datamodule=dm)
+
+
+@pytest.mark.parametrize("cls, kw", [(LPFSGD, {"num_samples": 3}), (SmoothOut, {"ghost_batch_size": 16})])
+def test_bn_stats_on_noisy_passes_as_configured(mnist_dir, cls, kw):
+    dm, _ = first_batch(mnist_dir)  # batch 48: three chunks of 16
+    torch.manual_seed(0)
+    module = cls(**ARCH, optimizer=sgd(0.1), **kw)
+    one_step(module, dm)
+    assert module.model[2].num_batches_tracked.item() == 3  # the original: every noisy pass updates the statistics
+    torch.manual_seed(0)
+    module = cls(**ARCH, optimizer=sgd(0.1), bn_stats_on_noisy_pass=False, **kw)
+    bn0 = copy.deepcopy(module.model)
+    one_step(module, dm)
+    assert module.model[2].num_batches_tracked.item() == 1  # one clean pass instead
+    _, (x, _y) = first_batch(mnist_dir)
+    bn0.train()(x)  # the clean pass at the initial weights gives the same running mean
+    torch.testing.assert_close(module.model[2].running_mean, bn0[2].running_mean)
