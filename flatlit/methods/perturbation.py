@@ -138,8 +138,10 @@ class PerturbationModule(ClassificationModule):
     def noise_buffers(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Reusable noise buffers, one per parameter (no allocation per step)."""
         bufs = getattr(self, "_noise_bufs", None)
-        if bufs is None or len(bufs) != len(params) or any(
-            b.shape != p.shape or b.device != p.device or b.dtype != p.dtype for b, p in zip(bufs, params)
+        if (
+            bufs is None
+            or len(bufs) != len(params)
+            or any(b.shape != p.shape or b.device != p.device or b.dtype != p.dtype for b, p in zip(bufs, params))
         ):
             bufs = self._noise_bufs = [torch.empty_like(p) for p in params]
         return bufs

@@ -89,6 +89,10 @@ class SAM(PerturbationModule):
             perturbed_loss = self.loss_fn(self(x), y)
             self.manual_backward(perturbed_loss * scale)
         self.restore(params, saved)
-        extras = {"train/perturbed_loss": perturbed_loss.detach(), "train/grad_norm": norm, "train/rho": self.rho,
-                  "train/passes_per_step": 2.0 * self.accumulate_grad_batches}
+        extras = {
+            "train/perturbed_loss": perturbed_loss.detach(),
+            "train/grad_norm": norm,
+            "train/rho": self.rho,
+            "train/passes_per_step": 2.0 * self.accumulate_grad_batches,
+        }
         return loss, logits, extras
