@@ -255,8 +255,16 @@ class InMemoryDataModule(FlatlitDataModule):
 class _IndexedDataset(Dataset):
     """A view of ``base`` restricted to ``indices`` with replaced ``targets`` and fixed per-example noise."""
 
-    def __init__(self, base: Dataset, indices: torch.Tensor, targets: torch.Tensor, transform, noise: float = 0.0,
-                 noise_seed: int = 0, fresh: bool = False) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        indices: torch.Tensor,
+        targets: torch.Tensor,
+        transform,
+        noise: float = 0.0,
+        noise_seed: int = 0,
+        fresh: bool = False,
+    ) -> None:
         self.base, self.indices, self.targets = base, indices.tolist(), targets.tolist()
         self.transform, self.noise, self.noise_seed, self.fresh = transform, noise, noise_seed, fresh
 
@@ -299,8 +307,9 @@ class FolderDataModule(FlatlitDataModule):
             self._test_base = self._dataset("val")
 
     def _tf(self, train: bool):
-        return folder_transforms(self.augment if train else "none", self.normalize, self.dataset_name, train,
-                                 self.image_size, self.resize)
+        return folder_transforms(
+            self.augment if train else "none", self.normalize, self.dataset_name, train, self.image_size, self.resize
+        )
 
     def _dl(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(
@@ -314,8 +323,15 @@ class FolderDataModule(FlatlitDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = _IndexedDataset(self._train_base, self.train_indices, self.train_targets, self._tf(True),
-                             self.input_noise, self.noise_seed, self.input_noise_mode == "fresh")
+        ds = _IndexedDataset(
+            self._train_base,
+            self.train_indices,
+            self.train_targets,
+            self._tf(True),
+            self.input_noise,
+            self.noise_seed,
+            self.input_noise_mode == "fresh",
+        )
         return self._dl(ds, True)
 
     def _eval_ds(self, base, indices=None) -> Dataset:

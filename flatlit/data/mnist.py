@@ -68,9 +68,7 @@ class _IdxDataModule(InMemoryDataModule):
             if (files := self._find(d, train)) is not None:
                 rank_zero_info(f"flatlit: {self.folder} not found under {self.data_dir!r}; using the copy in {d}.")
                 return files
-        hint = (
-            " or install Debian's copy with `apt-get install dataset-fashion-mnist`" if self.fallback_dirs else ""
-        )
+        hint = " or install Debian's copy with `apt-get install dataset-fashion-mnist`" if self.fallback_dirs else ""
         raise DataNotFoundError(
             f"{self.folder} files {IDX_FILES[train]} not found under {self.data_dir!r} (looked in "
             f"{', '.join(self._local_dirs() + list(self.fallback_dirs))}). Set data.init_args.data_dir to a folder "
@@ -78,9 +76,7 @@ class _IdxDataModule(InMemoryDataModule):
         )
 
     def prepare_data(self) -> None:
-        if not self.download or all(
-            any(self._find(d, t) for d in self._local_dirs()) for t in (True, False)
-        ):
+        if not self.download or all(any(self._find(d, t) for d in self._local_dirs()) for t in (True, False)):
             return
         import torchvision
 
@@ -94,8 +90,9 @@ class _IdxDataModule(InMemoryDataModule):
         img_path, lbl_path = self._locate(train)
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataNotFoundError(f"{img_path}: expected N×H×W images and N labels, got {tuple(images.shape)} "
-                                    f"and {tuple(labels.shape)}.")
+            raise DataNotFoundError(
+                f"{img_path}: expected N×H×W images and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}."
+            )
         return images[:, None], labels.long()
 
 

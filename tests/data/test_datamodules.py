@@ -30,8 +30,7 @@ def test_read_idx_roundtrip(tmp_path):
 
 
 def test_mnist_split_subset_and_batches(mnist_dir):
-    dm = MNISTDataModule(data_dir=mnist_dir, batch_size=32, val_size=40, split_seed=1, train_subset=100,
-                         download=False)
+    dm = MNISTDataModule(data_dir=mnist_dir, batch_size=32, val_size=40, split_seed=1, train_subset=100, download=False)
     dm.setup("fit")
     assert len(dm.train_indices) == 100 and len(dm.val_indices) == 40
     assert set(dm.train_indices.tolist()).isdisjoint(dm.val_indices.tolist())
@@ -61,11 +60,11 @@ def test_shuffle_is_seeded_per_epoch(mnist_dir):
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=240, download=False, seed=3)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    (x0, y0), = list(loader)
-    (x0b, y0b), = list(loader)
+    ((x0, y0),) = list(loader)
+    ((x0b, y0b),) = list(loader)
     assert torch.equal(y0, y0b)
     loader.sampler.set_epoch(1)
-    (x1, y1), = list(loader)
+    ((x1, y1),) = list(loader)
     assert not torch.equal(y0, y1) and torch.equal(y0.sort().values, y1.sort().values)
 
 
@@ -90,14 +89,17 @@ def test_label_noise_reproducible_saved_and_only_on_train(mnist_dir):
     assert MNISTDataModule(data_dir=mnist_dir, random_labels=True).label_noise == 1.0
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"label_noise": 1.5}, "label_noise"),
-    ({"label_noise": -0.2}, "label_noise"),
-    ({"augment": "bogus"}, "augment"),
-    ({"normalize": "bogus"}, "normalize"),
-    ({"input_noise": -1.0}, "input_noise"),
-    ({"batch_size": 0}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"label_noise": 1.5}, "label_noise"),
+        ({"label_noise": -0.2}, "label_noise"),
+        ({"augment": "bogus"}, "augment"),
+        ({"normalize": "bogus"}, "normalize"),
+        ({"input_noise": -1.0}, "input_noise"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
 def test_bad_arguments_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"data.init_args.{key}"):
         MNISTDataModule(**kwargs)
@@ -110,8 +112,9 @@ def test_subset_larger_than_dataset(mnist_dir):
 
 
 def test_input_noise_fixed_and_fresh(mnist_dir):
-    fixed = MNISTDataModule(data_dir=mnist_dir, input_noise=0.5, noise_seed=1, normalize="none", download=False,
-                            batch_size=240)
+    fixed = MNISTDataModule(
+        data_dir=mnist_dir, input_noise=0.5, noise_seed=1, normalize="none", download=False, batch_size=240
+    )
     fixed.setup("fit")
     clean = fixed._all_images[fixed.train_indices].float() / 255
     delta = fixed._train_images - clean
@@ -119,8 +122,9 @@ def test_input_noise_fixed_and_fresh(mnist_dir):
     first = torch.cat([x for x, _ in fixed.train_dataloader()])
     second = torch.cat([x for x, _ in fixed.train_dataloader()])
     assert torch.equal(first, second)  # same noise every epoch
-    fresh = MNISTDataModule(data_dir=mnist_dir, input_noise=0.5, input_noise_mode="fresh", normalize="none",
-                            download=False, batch_size=240)
+    fresh = MNISTDataModule(
+        data_dir=mnist_dir, input_noise=0.5, input_noise_mode="fresh", normalize="none", download=False, batch_size=240
+    )
     fresh.setup("fit")
     loader = fresh.train_dataloader()
     a = next(iter(loader))[0]
