@@ -24,7 +24,7 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tenso
     if isinstance(val_size, float) and not isinstance(val_size, bool):
         if not 0.0 <= val_size < 1.0:
             raise ConfigError(f"data.init_args.val_size: a fraction must lie in [0, 1), got {val_size}.")
-        n_val = int(round(val_size * n))
+        n_val = round(val_size * n)
     else:
         n_val = int(val_size)
     if n_val < 0 or n_val >= n:

@@ -14,7 +14,6 @@ from flatlit.curvature import (
     select_params,
     slq_density,
 )
-from flatlit.curvature.hvp import flatten
 
 
 def tiny_mlp():

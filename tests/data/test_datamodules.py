@@ -19,7 +19,7 @@ from tests.fakedata import make_imagenet, make_mnist, make_tiny_imagenet
 
 
 def test_read_idx_roundtrip(tmp_path):
-    images, labels = make_mnist(str(tmp_path), n_train=30, n_test=10, gz=False)
+    images, _labels = make_mnist(str(tmp_path), n_train=30, n_test=10, gz=False)
     assert torch.equal(read_idx(str(tmp_path / "train-images-idx3-ubyte")), torch.from_numpy(images[:30]))
     make_mnist(str(tmp_path / "gz"), n_train=30, n_test=10, gz=True)
     assert read_idx(str(tmp_path / "gz" / "t10k-labels-idx1-ubyte.gz")).shape == (10,)
@@ -60,11 +60,11 @@ def test_shuffle_is_seeded_per_epoch(mnist_dir):
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=240, download=False, seed=3)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    ((x0, y0),) = list(loader)
-    ((x0b, y0b),) = list(loader)
+    ((_x0, y0),) = list(loader)
+    ((_x0b, y0b),) = list(loader)
     assert torch.equal(y0, y0b)
     loader.sampler.set_epoch(1)
-    ((x1, y1),) = list(loader)
+    ((_x1, y1),) = list(loader)
     assert not torch.equal(y0, y1) and torch.equal(y0.sort().values, y1.sort().values)
 
 
@@ -191,7 +191,7 @@ def test_tiny_imagenet_layout(tmp_path):
     dm = TinyImageNetDataModule(data_dir=str(tmp_path), batch_size=5, augment="basic", download=False)
     dm.setup("fit")
     assert len(dm.train_indices) == 12
-    x, y = next(iter(dm.train_dataloader()))
+    x, _y = next(iter(dm.train_dataloader()))
     assert x.shape == (5, 3, 64, 64)
     val = dm._test_base
     assert len(val.targets) == 6 and val.targets[:3] == [0, 1, 2] and val.classes == wnids
@@ -203,7 +203,7 @@ def test_imagenet_folders_and_noise(tmp_path):
     make_imagenet(str(tmp_path))
     dm = ImageNetDataModule(data_dir=str(tmp_path), batch_size=3, input_noise=0.1, val_size=2)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    x, _y = next(iter(dm.train_dataloader()))
     assert x.shape == (3, 3, 224, 224)
     x2, _ = next(iter(dm.val_dataloader()))
     assert x2.shape == (2, 3, 224, 224)

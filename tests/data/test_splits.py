@@ -10,7 +10,7 @@ def test_split_sizes_disjoint_and_seeded():
     assert len(tr) == 80 and len(va) == 20
     assert set(tr.tolist()).isdisjoint(va.tolist())
     assert sorted(tr.tolist() + va.tolist()) == list(range(100))
-    tr2, va2 = split_indices(100, 20, seed=3)
+    _tr2, va2 = split_indices(100, 20, seed=3)
     assert torch.equal(va, va2)
     _, va3 = split_indices(100, 20, seed=4)
     assert not torch.equal(va, va3)

@@ -48,5 +48,5 @@ def test_center_normalisation_and_bad_preset():
     mean, std = resolve_stats("center", "mnist", x)
     z = (x.float() / 255 - mean) / std
     assert z.mean(0).abs().max() < 1e-5 and abs(z.std().item() - 1) < 1e-2
-    with pytest.raises(ConfigError, match="data.init_args.augment: unknown value 'mixup'"):
+    with pytest.raises(ConfigError, match=r"data.init_args.augment: unknown value 'mixup'"):
         BatchTransform("mixup")
