@@ -30,6 +30,9 @@ class HistoryCSV(Callback):
     def __init__(self, filename: str = "history.csv") -> None:
         self.filename = filename
         self.rows: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None
+        self._extra: dict[int, dict[str, Any]] = {}
+        self._trainer: pl.Trainer | None = None
 
     @property
     def state_key(self) -> str:
@@ -40,20 +43,38 @@ class HistoryCSV(Callback):
 
     def extra_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         """Merge values (e.g. from a measurement callback) into the current epoch's row."""
-        if self.rows and self.rows[-1]["epoch"] == trainer.current_epoch:
-            self.rows[-1].update(row)
+        self._extra.setdefault(trainer.current_epoch, {}).update(row)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        # The row is completed later (next epoch start, end of training, or a checkpoint), once every hook of this
+        # epoch (module, other callbacks) has logged.
+        self._pending = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        if self._pending is None:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row = self._pending
+        self._pending = None
         for key, value in sorted(trainer.callback_metrics.items()):
-            if key.endswith("_step"):
+            if key.endswith("_step") or key.startswith("hessian/"):
                 continue
             row[key.removesuffix("_epoch")] = float(value)
+        row.update(self._extra.pop(row["epoch"], {}))
         self.rows.append(row)
         self._write(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer)
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer) -> None:
@@ -71,6 +92,8 @@ class HistoryCSV(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._trainer is not None:
+            self._flush(self._trainer)  # a checkpoint taken at epoch end carries that epoch's row
         return {"rows": list(self.rows)}
 
     @override

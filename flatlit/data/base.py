@@ -174,6 +174,30 @@ class FlatlitDataModule(pl.LightningDataModule):
     def _on_labels_restored(self) -> None:
         """Hook for subclasses that cache labels elsewhere."""
 
+    def curvature_indices(self, num_samples: int, seed: int) -> torch.Tensor:
+        """A seeded random subset (positions in the training split) for curvature measurements."""
+        n = len(self.train_indices) if self.train_indices is not None else 0
+        if num_samples > n or num_samples < 1:
+            raise ConfigError(
+                f"num_samples: asked for {num_samples} curvature samples but the training split holds {n}; "
+                f"choose a value in [1, {n}]."
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return perm[:num_samples].sort().values
+
+    def curvature_batches(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        augment: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed sample of the training split as (x, y) batches, with the evaluation transform (or the training
+        augmentation when ``augment``); under DDP each rank gets its share ``rank::world_size`` (CPU tensors)."""
+        raise NotImplementedError
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -244,6 +268,24 @@ class InMemoryDataModule(FlatlitDataModule):
 
     def test_dataloader(self) -> InMemoryLoader:
         return self._loader(self._test_images, self._test_targets, train=False)
+
+    def curvature_batches(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        augment: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pos = self.curvature_indices(num_samples, seed)[rank::world_size]
+        images, targets = self._train_images[pos], self.train_targets[pos]
+        transform = BatchTransform(self.augment if augment else "none", self._stats, cutout_size=self.cutout_size)
+        gen = torch.Generator().manual_seed(seed + 1)
+        return [
+            (transform(images[i : i + batch_size].cpu(), gen), targets[i : i + batch_size].cpu())
+            for i in range(0, len(pos), batch_size)
+        ]
 
     def train_eval_dataloader(self, batch_size: int | None = None) -> InMemoryLoader:
         """The training split (with its labels) under the evaluation transform, in a fixed order."""
@@ -346,6 +388,19 @@ class FolderDataModule(FlatlitDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._dl(self._eval_ds(self._test_base), False)
+
+    def curvature_batches(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        augment: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pos = self.curvature_indices(num_samples, seed)[rank::world_size]
+        ds = _IndexedDataset(self._train_base, self.train_indices[pos], self.train_targets[pos], self._tf(augment))
+        return list(DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers))
 
     def train_eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
         ds = _IndexedDataset(self._train_base, self.train_indices, self.train_targets, self._tf(False))
