@@ -148,9 +148,15 @@ class CurvatureCallback(Callback):
     def params(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
         return select_params(pl_module, self.exclude_bn, self.exclude_bias)
 
+    @staticmethod
+    def _to_module(x: torch.Tensor, pl_module: pl.LightningModule) -> torch.Tensor:
+        """Move inputs to the module's device, and floating inputs to its parameter dtype (e.g. float64)."""
+        p = next(pl_module.parameters())
+        return x.to(device=p.device, dtype=p.dtype) if x.is_floating_point() else x.to(p.device)
+
     def operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianOperator:
         device = next(pl_module.parameters()).device
-        batches = [(x.to(device), y.to(device)) for x, y in self.batches(trainer)]
+        batches = [(self._to_module(x, pl_module), y.to(device)) for x, y in self.batches(trainer)]
         wd = 0.0
         if self.include_l2 and trainer.optimizers:
             wd = float(trainer.optimizers[0].param_groups[0].get("weight_decay", 0.0))
@@ -168,7 +174,7 @@ class CurvatureCallback(Callback):
             with torch.no_grad(), preserved_rng():
                 was = pl_module.training
                 pl_module.eval()
-                loss = self.loss_fn(pl_module(x[:2].to(device)), y[:2].to(device))
+                loss = self.loss_fn(pl_module(self._to_module(x[:2], pl_module)), y[:2].to(device))
                 pl_module.train(was)
         except Exception as err:
             raise ConfigError(
