@@ -121,7 +121,7 @@ def test_eigenvalues_match_exact_hessian_of_the_sample(mnist_dir, tmp_path):
 def test_bad_input_is_caught_at_setup(mnist_dir):
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=32, download=False)
     tiny = SGDFamily(arch="mlp", arch_kwargs={"width": 1, "depth": 0})  # 7850 parameters
-    with pytest.raises(ConfigError, match="top_k.* exceeds the 7850 parameters"):
+    with pytest.raises(ConfigError, match=r"top_k.* exceeds the 7850 parameters"):
         trainer(max_steps=1, callbacks=[HessianEigenvalues(top_k=8000, max_iter=8000, num_samples=10)]).fit(
             tiny, datamodule=dm
         )
