@@ -112,6 +112,7 @@ class CurvatureCallback(Callback):
         self.num_measurements = 0
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._last_step = -1
+        self._log_dir: str | None = None
 
     # ---- sample ------------------------------------------------------------------------------------------------
     def _draw(self, trainer: pl.Trainer, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -224,6 +225,7 @@ class CurvatureCallback(Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
+        self._log_dir = trainer.log_dir  # a collective under DDP: every rank must ask, never inside rank-zero code
         with preserved_rng():
             start = time.perf_counter()
             op = self.operator(trainer, pl_module)
@@ -246,10 +248,11 @@ class CurvatureCallback(Callback):
                 cb.extra_row(trainer, metrics)
 
     def save_path(self, trainer: pl.Trainer, name: str) -> str | None:
-        if trainer.log_dir is None:
+        """A file in the run directory (read by :meth:`_measure` on every rank: ``trainer.log_dir`` broadcasts)."""
+        if self._log_dir is None:
             return None
-        os.makedirs(trainer.log_dir, exist_ok=True)
-        return os.path.join(trainer.log_dir, name)
+        os.makedirs(self._log_dir, exist_ok=True)
+        return os.path.join(self._log_dir, name)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class HistoryCSV(Callback):
         return self._generate_state_key(filename=self.filename)
 
     def path(self, trainer: pl.Trainer) -> str | None:
-        return None if trainer.log_dir is None else os.path.join(trainer.log_dir, self.filename)
+        log_dir = trainer.log_dir  # broadcasts under DDP: called on every rank
+        return None if log_dir is None else os.path.join(log_dir, self.filename)
 
     def extra_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         """Merge values (e.g. from a measurement callback) into the current epoch's row."""
@@ -66,7 +67,7 @@ class HistoryCSV(Callback):
             row[key.removesuffix("_epoch")] = float(value)
         row.update(self._extra.pop(row["epoch"], {}))
         self.rows.append(row)
-        self._write(trainer)
+        self._write(self.path(trainer))
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -77,8 +78,7 @@ class HistoryCSV(Callback):
         self._flush(trainer)
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer) -> None:
-        path = self.path(trainer)
+    def _write(self, path: str | None) -> None:
         if path is None:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)

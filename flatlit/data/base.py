@@ -146,9 +146,12 @@ class FlatlitDataModule(pl.LightningDataModule):
 
     def _save_labels(self) -> None:
         trainer = self.trainer
-        if trainer is None or trainer.log_dir is None or trainer.global_rank != 0:
+        if trainer is None:
             return
-        os.makedirs(trainer.log_dir, exist_ok=True)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks, rank 0 writes
+        if log_dir is None or trainer.global_rank != 0:
+            return
+        os.makedirs(log_dir, exist_ok=True)
         torch.save(
             {
                 "train_indices": self.train_indices,
@@ -157,7 +160,7 @@ class FlatlitDataModule(pl.LightningDataModule):
                 "label_noise": self.label_noise,
                 "label_seed": self.label_seed,
             },
-            os.path.join(trainer.log_dir, "train_labels.pt"),
+            os.path.join(log_dir, "train_labels.pt"),
         )
 
     def state_dict(self) -> dict[str, Any]:

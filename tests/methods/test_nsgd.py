@@ -10,15 +10,28 @@ from flatlit.methods import NSGD, SGDFamily
 
 
 def trainer(**kw):
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0)
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     return pl.Trainer(**{**defaults, **kw})
 
 
 def setup(mnist_dir, **kw):
     torch.manual_seed(0)
-    module = NSGD(arch="mlp", arch_kwargs={"width": 8}, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-                  num_samples=64, batch_size=32, **kw)
+    module = NSGD(
+        arch="mlp",
+        arch_kwargs={"width": 8},
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        num_samples=64,
+        batch_size=32,
+        **kw,
+    )
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=48, download=False)
     dm.setup("fit")
     return module, dm, next(iter(dm.train_dataloader()))
