@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import cosine_inc, frozen_bn_stats, lpf_noise
+from flatlit.methods._perturb import cosine_inc, lpf_noise
 from flatlit.methods.perturbation import PerturbationModule
 
 
@@ -73,31 +73,19 @@ class LPFSGD(PerturbationModule):
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool):
         params = [p for _, p in self.named_trainable(self.exclude_bn, self.exclude_bias)]
         gamma = self.current_gamma()
-        gen = self.noise_generator()
-        saved = self.backup(params)
+        gen, bufs = self.noise_generator(), self.noise_buffers(params)
         chunks = list(zip(torch.tensor_split(x, self.num_samples), torch.tensor_split(y, self.num_samples)))
-        losses, logits_all = [], []
-        for i, (xc, yc) in enumerate(chunks):
-            if len(yc) == 0:
-                continue
-            noise = lpf_noise(params, gamma, gen, self.noise_buffers(params))
-            with torch.no_grad():
-                torch._foreach_add_([p.data for p in params], noise)
-            last = i == len(chunks) - 1
-            with frozen_bn_stats(self.model, not self.bn_stats_on_noisy_pass), self.no_sync(not (sync and last)):
-                logits = self(xc)
-                loss = self.loss_fn(logits, yc)
-                self.manual_backward(loss * (len(yc) / len(y)) * scale)
-            self.restore(params, saved)
-            losses.append(loss.detach() * len(yc))
-            logits_all.append(logits.detach())
-        noisy_loss = torch.stack(losses).sum() / len(y)
-        logits = torch.cat(logits_all)
-        loss = noisy_loss
-        if self.clean_loss or not self.bn_stats_on_noisy_pass:
-            with torch.no_grad(), frozen_bn_stats(self.model, self.bn_stats_on_noisy_pass):
-                logits = self(x)
-                loss = self.loss_fn(logits, y)
+        loss, logits, noisy_loss = self.noisy_passes(
+            x,
+            y,
+            chunks,
+            params,
+            lambda: lpf_noise(params, gamma, gen, bufs),
+            scale,
+            sync,
+            self.bn_stats_on_noisy_pass,
+            self.clean_loss,
+        )
         extras = {
             "train/noisy_loss": noisy_loss,
             "train/gamma": gamma,

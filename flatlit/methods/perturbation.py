@@ -18,7 +18,7 @@ Manual optimization, done so Lightning behaves as with automatic optimization (P
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import is_bn_param
+from flatlit.methods._perturb import frozen_bn_stats, is_bn_param
 from flatlit.methods.base import ClassificationModule
 
 
@@ -151,6 +151,49 @@ class PerturbationModule(ClassificationModule):
         """Copy the saved values back: the clean weights are restored bit for bit."""
         with torch.no_grad():
             torch._foreach_copy_([p.data for p in params], list(saved))
+
+    def noisy_passes(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        chunks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        params: Sequence[torch.Tensor],
+        draw: Callable[[], Sequence[torch.Tensor] | None],
+        scale: float,
+        sync: bool,
+        bn_stats_on_noisy_pass: bool,
+        clean_loss: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward/backward per chunk at w + draw(), weights restored exactly after each pass.
+
+        Gradients accumulate as Σ_c (|c|/|B|)·scale·∇L_c(w + n_c): the size-weighted mean over chunks. Only the last
+        pass of an update all-reduces under DDP. Returns (loss, logits) for logging (the clean point when
+        ``clean_loss`` or when BN statistics come from a clean pass, else the noisy points) and the noisy loss.
+        """
+        chunks = [(xc, yc) for xc, yc in chunks if len(yc) > 0]
+        saved = self.backup(params)
+        losses, logits_all = [], []
+        for i, (xc, yc) in enumerate(chunks):
+            noise = draw()
+            if noise is not None:
+                with torch.no_grad():
+                    torch._foreach_add_([p.data for p in params], list(noise))
+            last = i == len(chunks) - 1
+            with frozen_bn_stats(self.model, not bn_stats_on_noisy_pass), self.no_sync(not (sync and last)):
+                logits = self(xc)
+                loss = self.loss_fn(logits, yc)
+                self.manual_backward(loss * (len(yc) / len(y)) * scale)
+            self.restore(params, saved)
+            losses.append(loss.detach() * len(yc))
+            logits_all.append(logits.detach())
+        noisy_loss = torch.stack(losses).sum() / len(y)
+        logits, loss = torch.cat(logits_all), noisy_loss
+        if clean_loss or not bn_stats_on_noisy_pass:
+            # one clean no-grad pass: the clean-point loss, and the BN statistics when the noisy passes froze them
+            with torch.no_grad(), frozen_bn_stats(self.model, bn_stats_on_noisy_pass):
+                logits = self(x)
+                loss = self.loss_fn(logits, y)
+        return loss, logits, noisy_loss
 
     @staticmethod
     def take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -11,13 +11,7 @@ from typing import Any
 import torch
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import (
-    SMOOTHOUT_ADAPT,
-    SMOOTHOUT_SCHEDULES,
-    frozen_bn_stats,
-    smoothout_noise,
-    smoothout_scale,
-)
+from flatlit.methods._perturb import SMOOTHOUT_ADAPT, SMOOTHOUT_SCHEDULES, smoothout_noise, smoothout_scale
 from flatlit.methods.perturbation import PerturbationModule
 
 
@@ -78,30 +72,18 @@ class SmoothOut(PerturbationModule):
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool):
         params = [p for _, p in self.named_trainable(self.exclude_bn)]
         c = self.current_scale()
-        gen = self.noise_generator()
-        saved = self.backup(params)
+        gen, bufs = self.noise_generator(), self.noise_buffers(params)
         size = self.ghost_batch_size or len(y)
         chunks = list(zip(torch.split(x, size), torch.split(y, size)))
-        losses, logits_all = [], []
-        for i, (xc, yc) in enumerate(chunks):
-            if self.a > 0:
-                noise = smoothout_noise(params, self.a, c, self.adapt, self.noise_type, gen, self.noise_buffers(params))
-                with torch.no_grad():
-                    torch._foreach_add_([p.data for p in params], noise)
-            last = i == len(chunks) - 1
-            with frozen_bn_stats(self.model, not self.bn_stats_on_noisy_pass), self.no_sync(not (sync and last)):
-                logits = self(xc)
-                loss = self.loss_fn(logits, yc)
-                self.manual_backward(loss * (len(yc) / len(y)) * scale)
-            self.restore(params, saved)  # denoise before the step
-            losses.append(loss.detach() * len(yc))
-            logits_all.append(logits.detach())
-        noisy_loss = torch.stack(losses).sum() / len(y)
-        logits, loss = torch.cat(logits_all), noisy_loss
-        if self.clean_loss or not self.bn_stats_on_noisy_pass:
-            with torch.no_grad(), frozen_bn_stats(self.model, self.bn_stats_on_noisy_pass):
-                logits = self(x)
-                loss = self.loss_fn(logits, y)
+
+        def draw():
+            if self.a == 0:
+                return None
+            return smoothout_noise(params, self.a, c, self.adapt, self.noise_type, gen, bufs)
+
+        loss, logits, noisy_loss = self.noisy_passes(
+            x, y, chunks, params, draw, scale, sync, self.bn_stats_on_noisy_pass, self.clean_loss
+        )
         extras = {
             "train/noisy_loss": noisy_loss,
             "train/noise_amplitude": self.a * c,
