@@ -225,7 +225,9 @@ class CurvatureCallback(Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
-        self._log_dir = trainer.log_dir  # a collective under DDP: every rank must ask, never inside rank-zero code
+        # a collective under DDP: every rank must ask, never inside rank-zero code; files only go to a logger's run
+        # directory (without a logger, log_dir would be the working directory)
+        self._log_dir = trainer.log_dir if trainer.loggers else None
         with preserved_rng():
             start = time.perf_counter()
             op = self.operator(trainer, pl_module)

@@ -12,6 +12,7 @@ from flatlit.callbacks import HessianEigenvalues, HessianSpectrum, HessianTrace,
 from flatlit.data import MNISTDataModule
 from flatlit.errors import ConfigError
 from flatlit.methods import SGDFamily
+from tests.helpers import quiet_trainer
 
 
 class PlainModule(pl.LightningModule):
@@ -34,18 +35,8 @@ class PlainModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-def trainer(tmp_path=None, **kw):
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-    )
-    return pl.Trainer(**{**defaults, **kw})
+def trainer(**kw):
+    return quiet_trainer(**{"limit_val_batches": 0, "deterministic": True, **kw})
 
 
 def all_callbacks():

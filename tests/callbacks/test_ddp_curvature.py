@@ -2,9 +2,6 @@
 gives the single-process eigenvalues on the whole sample."""
 
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,29 +9,13 @@ import torch
 from flatlit.curvature import HessianOperator, lanczos
 from flatlit.data import MNISTDataModule
 from flatlit.methods import SGDFamily
+from tests.helpers import run_torchrun
 
 
 @pytest.mark.distributed
 def test_ddp_eigenvalues_equal_single_process(tmp_path, mnist_dir):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     out = str(tmp_path / "eig")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29544",
-            os.path.join(os.path.dirname(__file__), "ddp_eigen_worker.py"),
-            mnist_dir,
-            out,
-        ],
-        check=True,
-        env=env,
-        timeout=300,
-        capture_output=True,
-    )
+    run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_eigen_worker.py"), [mnist_dir, out], port=29544)
     res = [torch.load(f"{out}.{r}") for r in range(2)]
     assert [r["shard"] for r in res] == [45, 45]
     torch.manual_seed(0)

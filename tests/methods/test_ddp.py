@@ -3,9 +3,6 @@ replica average of the perturbed gradients (Foret et al.'s m-sharpness semantics
 
 import copy
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ import torch.nn.functional as F
 from flatlit.data import MNISTDataModule
 from flatlit.data.loader import InMemoryLoader
 from flatlit.methods import SAM
+from tests.helpers import run_torchrun
 
 
 def grad(model, values, x, y):
@@ -34,25 +32,8 @@ def rank_batch(dm, rank):
 
 @pytest.mark.distributed
 def test_sam_ddp_per_replica_perturbation(tmp_path, mnist_dir):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     out = str(tmp_path / "res")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            os.path.join(os.path.dirname(__file__), "ddp_sam_worker.py"),
-            mnist_dir,
-            out,
-        ],
-        check=True,
-        env=env,
-        timeout=300,
-        capture_output=True,
-    )
+    run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_sam_worker.py"), [mnist_dir, out], port=29533)
     res = [torch.load(f"{out}.{r}") for r in range(2)]
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=60, download=False)
     dm.setup("fit")

@@ -14,6 +14,7 @@ from flatlit.data import MNISTDataModule
 from flatlit.errors import ConfigError
 from flatlit.methods import LPFSGD, SAM, EntropySGD, SmoothOut
 from flatlit.methods._perturb import lpf_noise, smoothout_noise
+from tests.helpers import quiet_trainer
 
 ARCH = {"arch": "mlp", "arch_kwargs": {"width": 16, "batch_norm": True}}
 
@@ -23,16 +24,7 @@ def sgd(lr=0.1, momentum=0.0):
 
 
 def trainer(**kw):
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return pl.Trainer(**{**defaults, **kw})
+    return quiet_trainer(**{"limit_val_batches": 0, **kw})
 
 
 def first_batch(mnist_dir, batch_size=48):

@@ -1,25 +1,16 @@
 import copy
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 from flatlit.callbacks import HessianEigenvalues
 from flatlit.data import MNISTDataModule
 from flatlit.methods import NSGD, SGDFamily
+from tests.helpers import quiet_trainer
 
 
 def trainer(**kw):
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return pl.Trainer(**{**defaults, **kw})
+    return quiet_trainer(**{"limit_val_batches": 0, **kw})
 
 
 def setup(mnist_dir, **kw):

@@ -1,25 +1,16 @@
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 from flatlit.data import MNISTDataModule
 from flatlit.methods import SGDFamily
+from tests.helpers import quiet_trainer
 
 
 def sgd(lr=0.1, momentum=0.0):
     return lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum)
 
 
-def trainer(**kw):
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(**{**defaults, **kw})
+trainer = quiet_trainer
 
 
 def test_one_step_equals_hand_computed_sgd(mnist_dir):
