@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import types
 
-from lightning.pytorch.cli import LightningCLI, LRSchedulerCallable, OptimizerCallable  # noqa: F401
+from lightning.pytorch.cli import LightningCLI
 
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.data.base import FlatlitDataModule

@@ -62,7 +62,7 @@ class HistoryCSV(Callback):
         row = self._pending
         self._pending = None
         for key, value in sorted(trainer.callback_metrics.items()):
-            if key.endswith("_step") or key.startswith("hessian/"):
+            if key.endswith("_step"):
                 continue
             row[key.removesuffix("_epoch")] = float(value)
         row.update(self._extra.pop(row["epoch"], {}))

@@ -290,12 +290,6 @@ class InMemoryDataModule(FlatlitDataModule):
             for i in range(0, len(pos), batch_size)
         ]
 
-    def train_eval_dataloader(self, batch_size: int | None = None) -> InMemoryLoader:
-        """The training split (with its labels) under the evaluation transform, in a fixed order."""
-        loader = self._loader(self._train_images, self.train_targets, train=False)
-        loader.batch_size = batch_size or self.eval_batch_size
-        return loader
-
 
 class _IndexedDataset(Dataset):
     """A view of ``base`` restricted to ``indices`` with replaced ``targets`` and fixed per-example noise."""
@@ -404,7 +398,3 @@ class FolderDataModule(FlatlitDataModule):
         pos = self.curvature_indices(num_samples, seed)[rank::world_size]
         ds = _IndexedDataset(self._train_base, self.train_indices[pos], self.train_targets[pos], self._tf(augment))
         return list(DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers))
-
-    def train_eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        ds = _IndexedDataset(self._train_base, self.train_indices, self.train_targets, self._tf(False))
-        return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, num_workers=self.num_workers)

@@ -196,14 +196,6 @@ class PerturbationModule(ClassificationModule):
         return loss, logits, noisy_loss
 
     @staticmethod
-    def take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Remove and return the current gradients (used to keep accumulated grads out of a local pass)."""
-        grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        return grads
-
-    @staticmethod
     def put_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         for p, g in zip(params, grads):
             if g is None:
