@@ -23,7 +23,7 @@ def global_grad_norm(
     grads: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None] | None = None
 ) -> torch.Tensor:
     """‖T ⊙ g‖₂ over all tensors (T = 1 when ``scales`` is None or an entry is None)."""
-    if scales is None:
+    if scales is None or all(s is None for s in scales):
         norms = torch._foreach_norm(list(grads))
     else:
         norms = [(g if s is None else s * g).norm() for g, s in zip(grads, scales)]
@@ -50,12 +50,18 @@ def sam_scales(
 
 
 def sam_epsilon(
-    grads: Sequence[torch.Tensor], rho: float, scales: Sequence[torch.Tensor | None]
+    grads: Sequence[torch.Tensor], rho: float, scales: Sequence[torch.Tensor | None], inplace: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """SAM ascent step ε = ρ T² g / (‖T g‖ + 1e-12); returns (ε per tensor, ‖T g‖)."""
+    """SAM ascent step ε = ρ T² g / (‖T g‖ + 1e-12); returns (ε per tensor, ‖T g‖).
+
+    ``inplace`` writes ε into the ``grads`` tensors themselves (no allocation in a training step).
+    """
     norm = global_grad_norm(grads, scales)
-    scale = rho / (norm + 1e-12)
-    eps = [g * scale if s is None else (s * s) * g * scale for g, s in zip(grads, scales)]
+    eps = list(grads) if inplace else [g.clone() for g in grads]
+    for e, s in zip(eps, scales):
+        if s is not None:
+            e.mul_(s).mul_(s)
+    torch._foreach_mul_(eps, rho / (norm + 1e-12))
     return eps, norm
 
 

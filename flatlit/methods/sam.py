@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import SAM_ADAPTIVE, frozen_bn_stats, global_grad_norm, sam_scales
+from flatlit.methods._perturb import SAM_ADAPTIVE, frozen_bn_stats, sam_epsilon, sam_scales
 from flatlit.methods.perturbation import PerturbationModule
 
 
@@ -75,13 +75,9 @@ class SAM(PerturbationModule):
         with torch.no_grad():
             # ε = ρ T² g / ‖T g‖, computed in place in the gradient buffers (no allocation per step)
             scales = sam_scales(params, names, self.adaptive, self.eta)
-            norm = global_grad_norm(grads, None if self.adaptive == "none" else scales)
-            for g, s in zip(grads, scales):
-                if s is not None:
-                    g.mul_(s).mul_(s)
-            torch._foreach_mul_(grads, self.rho / (norm + 1e-12))
+            eps, norm = sam_epsilon(grads, self.rho, scales, inplace=True)
             saved = self.backup(params)
-            torch._foreach_add_([p.data for p in params], grads)
+            torch._foreach_add_([p.data for p in params], eps)
             torch._foreach_zero_(grads)
         if stash is not None:
             self.put_grads([p for _, p in self.named_trainable()], stash)
