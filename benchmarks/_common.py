@@ -37,6 +37,20 @@ class StepTimer(pl.Callback):
             self.times.append(time.perf_counter() - self._t)
 
 
+def bench_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer that trains only: no validation, logger, checkpoints, progress bar or summary."""
+    defaults = dict(
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def timed(fn: Callable[[], None]) -> float:
     t = time.perf_counter()
     fn()

@@ -16,15 +16,14 @@ import statistics
 import sys
 import time
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit
+from _common import bench_trainer, emit
 
 from flatlit.callbacks import HessianEigenvalues
 from flatlit.curvature import HessianOperator, lanczos, power_iteration
-from flatlit.curvature.hvp import evaluation_mode
+from flatlit.curvature.hvp import gradient_time_reference
 from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
 from flatlit.methods import SGDFamily
@@ -59,30 +58,16 @@ def main() -> None:
     torch.manual_seed(0)
     module = SGDFamily(arch=args.model, num_classes=10, in_channels=1, image_size=28)
     x, y = batches[0]
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def grad_once() -> None:
-        with evaluation_mode(module):
-            torch.autograd.grad(torch.nn.functional.cross_entropy(module(x), y), params)
 
     one = HessianOperator(module, [(x, y)], backend=args.backend)
     v = torch.randn(one.numel)
-    t_grad = median_time(grad_once, args.repeats)
+    t_grad = median_time(lambda: gradient_time_reference(module, [(x, y)]), args.repeats)
     t_hvp = median_time(lambda: one.matvec(v), args.repeats)
 
     # Lanczos vs deflated power iteration on one operator
     torch.manual_seed(0)
     small = SGDFamily(arch=args.power_model, num_classes=10, in_channels=1, image_size=28)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=100,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = bench_trainer(max_epochs=1, limit_train_batches=100)
     trainer.fit(small, datamodule=dm)  # a trained point: an informative spectrum
     op = HessianOperator(small, batches, backend=args.backend)
     lz = lanczos(op.matvec, op.numel, k=5, max_iter=300, tol=1e-4, seed=0)
@@ -101,33 +86,12 @@ def main() -> None:
         max_iter=300,
         backend=args.backend,
     )
-    timings: list[tuple[float, float]] = []
-
-    class Grab(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            timings.append((cb_time[-1], cb.last_result.num_matvecs))
-
-    cb_time: list[float] = []
-    original = cb._log
-
-    def capture(trainer, metrics):
-        cb_time.append(metrics["hessian/seconds"])
-        original(trainer, metrics)
-
-    cb._log = capture
-    trainer2 = pl.Trainer(
-        max_steps=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[cb, Grab()],
-    )
-    trainer2.fit(module2, datamodule=dm)
-    seconds, hvps = timings[-1]
-    op2 = HessianOperator(module2, [(a, b) for a, b in batches], backend=args.backend)
+    measured: list[dict[str, float]] = []
+    log = cb._log
+    cb._log = lambda trainer, metrics: (measured.append(metrics), log(trainer, metrics))
+    bench_trainer(max_steps=2, callbacks=[cb]).fit(module2, datamodule=dm)
+    seconds, hvps = measured[-1]["hessian/seconds"], measured[-1]["hessian/hvps"]
+    op2 = HessianOperator(module2, batches, backend=args.backend)
     w = torch.randn(op2.numel)
     t_hvp_full = median_time(lambda: op2.matvec(w), args.repeats)
     emit(

@@ -22,12 +22,11 @@ import shutil
 import sys
 import tempfile
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import EpochTimer, emit, timed
+from _common import EpochTimer, bench_trainer, emit, timed
 
 from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
@@ -62,17 +61,7 @@ def flatlit_epoch(args) -> float:
     module = SGDFamily(arch=args.model, num_classes=10, in_channels=1, image_size=28, optimizer=make_optimizer)
     dm = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=args.batch_size, download=False)
     timer = EpochTimer()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        accelerator="cpu",
-    )
+    trainer = bench_trainer(max_epochs=1, callbacks=[timer])
     trainer.fit(module, datamodule=dm)
     return timer.times[0]
 

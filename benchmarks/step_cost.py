@@ -15,13 +15,12 @@ import logging
 import os
 import sys
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import statistics
 
-from _common import StepTimer, emit
+from _common import StepTimer, bench_trainer, emit
 
 from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
@@ -45,18 +44,7 @@ def time_family(name: str, args, dm: FashionMNISTDataModule) -> list[float]:
     torch.manual_seed(0)
     module = cls(arch=args.model, num_classes=10, in_channels=1, image_size=28, optimizer=make_optimizer, **kwargs)
     timer = StepTimer()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        accelerator="cpu",
-    )
+    trainer = bench_trainer(max_epochs=1, limit_train_batches=args.steps, callbacks=[timer])
     trainer.fit(module, datamodule=dm)
     return timer.times
 
