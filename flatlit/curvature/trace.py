@@ -22,6 +22,27 @@ def rademacher(n: int, generator: torch.Generator, dtype: torch.dtype, device: t
     return (torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8) * 2 - 1).to(device=device, dtype=dtype)
 
 
+def _probe_mean(
+    matvec: MatVec,
+    n: int,
+    count: int,
+    g: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    basis: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """Mean and standard error of zᵀAz over ``count`` Rademacher probes (projected off ``basis`` if given)."""
+    samples = []
+    for _ in range(count):
+        z = rademacher(n, g, dtype, device)
+        if basis is not None:
+            z = z - basis @ (basis.T @ z)
+        samples.append(float(torch.dot(z.double(), matvec(z).double())))
+    t = torch.tensor(samples, dtype=torch.float64)
+    se = float(t.std() / math.sqrt(count)) if count > 1 else float("inf")
+    return float(t.mean()), se
+
+
 def hutchinson(
     matvec: MatVec,
     n: int,
@@ -31,14 +52,8 @@ def hutchinson(
     device: torch.device | str = "cpu",
 ) -> TraceResult:
     """Hutchinson's estimator with Rademacher probes (seeded on the CPU: identical on every rank)."""
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(num_probes):
-        z = rademacher(n, g, dtype, device)
-        samples.append(float(torch.dot(z.double(), matvec(z).double())))
-    t = torch.tensor(samples, dtype=torch.float64)
-    se = float(t.std() / math.sqrt(num_probes)) if num_probes > 1 else float("inf")
-    return TraceResult(float(t.mean()), se, num_probes)
+    mean, se = _probe_mean(matvec, n, num_probes, torch.Generator().manual_seed(seed), dtype, device)
+    return TraceResult(mean, se, num_probes)
 
 
 def hutchpp(
@@ -56,11 +71,5 @@ def hutchpp(
     Q, _ = torch.linalg.qr(torch.stack([matvec(S[:, i]) for i in range(s)], dim=1))
     AQ = torch.stack([matvec(Q[:, i]) for i in range(Q.shape[1])], dim=1)
     top = float(torch.trace(Q.T.double() @ AQ.double()))
-    samples = []
-    for _ in range(s):
-        z = rademacher(n, g, dtype, device)
-        z = z - Q @ (Q.T @ z)
-        samples.append(float(torch.dot(z.double(), matvec(z).double())))
-    t = torch.tensor(samples, dtype=torch.float64)
-    se = float(t.std() / math.sqrt(s)) if s > 1 else float("inf")
-    return TraceResult(top + float(t.mean()), se, s + Q.shape[1] + s)
+    rest, se = _probe_mean(matvec, n, s, g, dtype, device, basis=Q)
+    return TraceResult(top + rest, se, s + Q.shape[1] + s)
