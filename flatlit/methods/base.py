@@ -102,8 +102,11 @@ class ClassificationModule(pl.LightningModule):
         """
         n = y.numel()
         dev = loss.device
-        vals = [loss.detach().float() * n, (logits.detach().argmax(-1) == y).sum().float(), torch.tensor(float(n))]
-        vals[2] = vals[2].to(dev)
+        vals = [
+            loss.detach().float() * n,
+            (logits.detach().argmax(-1) == y).sum().float(),
+            torch.tensor(float(n), device=dev),
+        ]
         keys = sorted(extras) if extras else []
         vals += [torch.as_tensor(extras[k], dtype=torch.float32, device=dev).detach().reshape(()) for k in keys]
         vals.append(torch.ones((), device=dev))

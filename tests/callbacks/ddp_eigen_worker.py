@@ -2,12 +2,12 @@
 
 import sys
 
-import lightning.pytorch as pl
 import torch
 
 from flatlit.callbacks import HessianEigenvalues, HessianTrace
 from flatlit.data import MNISTDataModule
 from flatlit.methods import SGDFamily
+from tests.helpers import quiet_trainer
 
 
 def main(data_dir: str, out: str) -> None:
@@ -16,19 +16,8 @@ def main(data_dir: str, out: str) -> None:
     eig = HessianEigenvalues(top_k=3, num_samples=90, batch_size=20, every_n_epochs=None, max_iter=300, tol=1e-10)
     tr = HessianTrace(num_probes=5, num_samples=90, batch_size=20, every_n_epochs=None)
     dm = MNISTDataModule(data_dir=data_dir, batch_size=30, download=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=1,
-        logger=False,
-        precision="64-true",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[eig, tr],
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp", max_steps=1, limit_val_batches=0, precision="64-true", callbacks=[eig, tr]
     )
     trainer.fit(module, datamodule=dm)
     shard = sum(len(y) for _, y in eig._batches)

@@ -2,11 +2,11 @@
 
 import sys
 
-import lightning.pytorch as pl
 import torch
 
 from flatlit.data import MNISTDataModule
 from flatlit.methods import SAM
+from tests.helpers import quiet_trainer
 
 
 def main(data_dir: str, out: str) -> None:
@@ -22,18 +22,7 @@ def main(data_dir: str, out: str) -> None:
         )
         w0 = [p.detach().clone() for p in module.model.parameters()]
         dm = MNISTDataModule(data_dir=data_dir, batch_size=60, download=False)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )
+        trainer = quiet_trainer(devices=2, strategy="ddp", max_steps=1, limit_val_batches=0)
         trainer.fit(module, datamodule=dm)
         results[sync] = {
             "w0": w0,
