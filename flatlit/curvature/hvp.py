@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatlit.nn_utils import frozen_bn_stats, is_bn_param
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,22 +37,17 @@ class NonDeterministicOperatorError(RuntimeError):
 def evaluation_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
     """Put ``model`` in a deterministic mode and restore every module's ``training`` flag (and BN buffers)."""
     flags = [(m, m.training) for m in model.modules()]
-    saved = [
-        (b, b.detach().clone()) for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers(recurse=False)
-    ]
     try:
-        model.eval()
-        if bn_mode == "train":
-            for m in model.modules():
-                if isinstance(m, _BatchNorm):
-                    m.train()
-        yield
+        with frozen_bn_stats(model):
+            model.eval()
+            if bn_mode == "train":
+                for m in model.modules():
+                    if isinstance(m, _BatchNorm):
+                        m.train()
+            yield
     finally:
         for m, flag in flags:
             m.training = flag
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -172,7 +169,7 @@ class HessianOperator:
 
 def select_params(model: nn.Module, exclude_bn: bool = False, exclude_bias: bool = False) -> list[nn.Parameter]:
     """Trainable parameters, optionally without BatchNorm parameters and/or biases."""
-    bn = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
+    bn = is_bn_param(model)
     return [
         p
         for n, p in model.named_parameters()

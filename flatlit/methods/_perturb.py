@@ -7,12 +7,9 @@ generator it is given, so the modules can checkpoint the generator for exact res
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 SAM_ADAPTIVE = ("none", "elementwise", "asam")
 SMOOTHOUT_ADAPT = ("none", "weight", "filter", "tensor")
@@ -148,29 +145,3 @@ def smoothout_noise(
             raise ValueError(f"adapt must be one of {SMOOTHOUT_ADAPT}, got {adapt!r}")
         result.append(n)
     return result
-
-
-def is_bn_param(module: nn.Module) -> set[int]:
-    """ids of the parameters owned by BatchNorm layers."""
-    return {id(p) for m in module.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
-
-
-@contextmanager
-def frozen_bn_stats(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run a pass without changing BatchNorm running statistics (buffers saved and restored exactly)."""
-    if not enabled:
-        yield
-        return
-    saved = [
-        (b, b.detach().clone())
-        for m in module.modules()
-        if isinstance(m, _BatchNorm)
-        for b in m.buffers(recurse=False)
-        if b is not None
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)

@@ -27,8 +27,8 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import frozen_bn_stats, is_bn_param
 from flatlit.methods.base import ClassificationModule
+from flatlit.nn_utils import frozen_bn_stats, is_bn_param
 
 
 class PerturbationModule(ClassificationModule):

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from flatlit.errors import ConfigError
-from flatlit.methods._perturb import SAM_ADAPTIVE, frozen_bn_stats, sam_epsilon, sam_scales
+from flatlit.methods._perturb import SAM_ADAPTIVE, sam_epsilon, sam_scales
 from flatlit.methods.perturbation import PerturbationModule
+from flatlit.nn_utils import frozen_bn_stats
 
 
 class SAM(PerturbationModule):

@@ -6,13 +6,13 @@ import torch
 from flatlit.methods._perturb import (
     cosine_inc,
     filter_sigma,
-    frozen_bn_stats,
     lpf_noise,
     sam_epsilon,
     sam_scales,
     smoothout_noise,
     smoothout_scale,
 )
+from flatlit.nn_utils import frozen_bn_stats
 
 
 def test_sam_epsilon_plain_and_adaptive_closed_forms():
