@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -34,3 +35,18 @@ def run_torchrun(script: str, args: list[str], port: int, nproc: int = 2, timeou
         timeout=timeout,
         capture_output=True,
     )
+
+
+class KillAtStep(pl.Callback):
+    """Kill this process with SIGKILL (no cleanup, like a crash or an OOM kill) when training reaches ``step``.
+
+    Fires at the start of the batch after ``step`` optimizer updates, so the last step-interval checkpoint is
+    usually some steps behind: the resumed run must redo them exactly.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

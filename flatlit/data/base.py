@@ -4,8 +4,10 @@ Subclasses only say how to read the official train and test splits. Two families
 
 - :class:`InMemoryDataModule` (MNIST, Fashion-MNIST, CIFAR): uint8 tensors on the training device and
   :class:`~flatlit.data.loader.InMemoryLoader` batches (the fast path).
-- :class:`FolderDataModule` (TinyImageNet, ImageNet): JPEG folders through torchvision transforms and a
-  ``DataLoader`` (Lightning adds the ``DistributedSampler`` under DDP).
+- :class:`FolderDataModule` (TinyImageNet, ImageNet): JPEG folders through torchvision transforms and torchdata's
+  ``StatefulDataLoader`` with a rank-aware ``StatefulDistributedSampler``, so Lightning checkpoints the loader's
+  position and a run killed mid-epoch resumes at the next batch; each example's augmentation is seeded by
+  ``(seed, epoch, example)``, so it does not depend on worker processes, their number or a restart.
 
 The validation split is taken from the official training set (``val_size``, ``split_seed``); when it is 0 the
 official test split serves as the validation set, as in the reference repositories. Label noise and input noise
@@ -17,12 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from flatlit.data.loader import InMemoryLoader
 from flatlit.data.splits import check_fraction, corrupt_labels, split_indices, subset_indices
@@ -291,8 +296,63 @@ class InMemoryDataModule(FlatlitDataModule):
         ]
 
 
+class EpochIndexSampler(StatefulDistributedSampler):
+    """torchdata's stateful, rank-sharded, (seed + epoch)-shuffled sampler yielding ``(index, epoch)`` keys.
+
+    The epoch travels with the index so the dataset can seed each example's augmentation; being a
+    ``DistributedSampler`` it is kept by Lightning as is under DDP (sharded by the ``rank``/``num_replicas`` given).
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        for i in super().__iter__():
+            yield i, epoch
+
+
+class EpochStatefulDataLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` whose state carries the sampler's epoch and whose iterator starts lazily.
+
+    Lightning restores a loader's state and calls ``iter()`` before it calls ``set_epoch`` for the resumed epoch,
+    and a loader with workers draws indices as soon as its iterator exists. Here the iterator is created at the
+    first ``next()`` (after ``set_epoch``), and a restored position is applied only to a pass of the epoch it was
+    saved in: a checkpoint taken after the last batch of an epoch starts the next epoch from its first batch.
+    """
+
+    _pending: dict[str, Any] | None = None
+    _pending_epoch: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._pending is not None:  # restored, not yet iterated: the restored position still holds
+            return {**self._pending, "flatlit_epoch": self._pending_epoch}
+        return {**super().state_dict(), "flatlit_epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self._pending_epoch = state.pop("flatlit_epoch", None)
+        self._pending = state
+
+    def __iter__(self) -> Iterator[Any]:
+        def lazy() -> Iterator[Any]:
+            pending, self._pending = self._pending, None
+            if pending is not None and self._pending_epoch == self.sampler.epoch:
+                super(EpochStatefulDataLoader, self).load_state_dict(pending)
+            yield from super(EpochStatefulDataLoader, self).__iter__()
+
+        return lazy()
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one training example's augmentation and fresh noise in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 2_000_003 + index) % (2**63 - 1)
+
+
 class _IndexedDataset(Dataset):
-    """A view of ``base`` restricted to ``indices`` with replaced ``targets`` and fixed per-example noise."""
+    """A view of ``base`` restricted to ``indices`` with replaced ``targets`` and fixed per-example noise.
+
+    Keys are positions ``i`` (evaluation) or ``(i, epoch)`` pairs from :class:`EpochIndexSampler` (training): then
+    the random transforms and fresh noise run under a CPU RNG seeded by :func:`example_seed` (forked, so the
+    caller's RNG is untouched when there are no workers).
+    """
 
     def __init__(
         self,
@@ -303,14 +363,24 @@ class _IndexedDataset(Dataset):
         noise: float = 0.0,
         noise_seed: int = 0,
         fresh: bool = False,
+        seed: int = 0,
     ) -> None:
         self.base, self.indices, self.targets = base, indices.tolist(), targets.tolist()
         self.transform, self.noise, self.noise_seed, self.fresh = transform, noise, noise_seed, fresh
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            i, epoch = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(example_seed(self.seed, epoch, self.indices[i]))
+                return self._get(i)
+        return self._get(key)
+
+    def _get(self, i: int):
         pre, post = self.transform
         x = pre(self.base.load(self.indices[i]))
         if self.noise > 0:  # on [0, 1] pixels, before normalisation; fixed noise is seeded by the example index
@@ -351,14 +421,23 @@ class FolderDataModule(FlatlitDataModule):
         )
 
     def _dl(self, ds: Dataset, train: bool) -> DataLoader:
+        if train:
+            rank, world = self._rank_world()
+            sampler = EpochIndexSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+            return EpochStatefulDataLoader(
+                ds,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.num_workers > 0,
+            )
         return DataLoader(
             ds,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -370,6 +449,7 @@ class FolderDataModule(FlatlitDataModule):
             self.input_noise,
             self.noise_seed,
             self.input_noise_mode == "fresh",
+            self.seed,
         )
         return self._dl(ds, True)
 

@@ -2,15 +2,19 @@
 
 The whole split lives as one uint8 tensor on the training device; a batch is one index op plus batched tensor
 augmentation (:class:`~flatlit.data.transforms.BatchTransform`). There is no per-image Python or PIL work and no
-worker processes. Shuffling and augmentation are seeded by ``(seed, epoch)`` so an epoch is reproducible and a
-run resumed at an epoch boundary sees the same batches. Under DDP each rank takes its ``rank::world_size`` share
-of the permutation, padded like :class:`torch.utils.data.DistributedSampler` so all ranks see equal batch counts.
+worker processes. Shuffling is seeded by ``(seed, epoch)`` and the augmentation of batch ``b`` by
+``(seed, epoch, rank, b)``, so every batch is a pure function of its position: the loader is *stateful* in
+Lightning's sense (``state_dict``/``load_state_dict``, saved in every checkpoint by the fit loop), and a run killed
+mid-epoch resumes at the next batch with the same permutation and augmentation draws. Under DDP each rank takes its
+``rank::world_size`` share of the permutation, padded like :class:`torch.utils.data.DistributedSampler` so all
+ranks see equal batch counts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -73,16 +77,43 @@ class InMemoryLoader:
         self.sampler = EpochSampler(len(images), shuffle, seed, rank, world_size)
         self.batch_sampler = None  # Lightning inspects these two attributes (set_epoch, shuffle detection)
         self.seed, self.rank = seed, rank
+        self._position = 0  # batches handed out in the current pass over the data
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current pass stands: its epoch and the number of batches already handed out."""
+        return {"epoch": self.sampler.epoch, "batches_yielded": self._position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the next pass after the batches the checkpointed run had already consumed.
+
+        Applied only if the next pass is of the same epoch (Lightning sets the epoch before the first batch): a
+        checkpoint taken at the end of an epoch then starts the next epoch from its first batch.
+        """
+        self._resume = (int(state_dict.get("epoch", 0)), int(state_dict.get("batches_yielded", 0)))
+
+    def batch_seed(self, batch: int) -> int:
+        """Seed of batch ``batch``'s augmentation randomness: a function of (seed, epoch, rank, batch) only."""
+        return ((self.seed * 1_000_003 + 7919 * self.sampler.epoch + 104_729 * self.rank) * 1_000_033 + batch) % (
+            2**63 - 1
+        )
 
     def __len__(self) -> int:
         n = self.sampler.num_samples()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.sampler.epoch:
+            start = min(self._resume[1], len(self))
+        self._resume = None
+        self._position = start
         device = self.images.device
         idx = self.sampler.indices().to(device)
         gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed * 1_000_003 + 7919 * self.sampler.epoch + 104_729 * self.rank + 1)
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.transform(self.images[sel], gen), self.targets[sel]
+            gen.manual_seed(self.batch_seed(b))
+            batch = self.transform(self.images[sel], gen), self.targets[sel]
+            self._position = b + 1
+            yield batch

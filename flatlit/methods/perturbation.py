@@ -97,15 +97,24 @@ class PerturbationModule(ClassificationModule):
         """Multiplier of the rank in the noise seed (0 gives every rank the same noise)."""
         return 7919
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._gen is not None:
-            checkpoint["flatlit_noise_rng"] = self._gen.get_state()
+    def resume_state(self) -> dict[str, Any]:
+        """Adds this rank's noise generator and the accumulation position to the checkpointed state."""
+        state = super().resume_state()
+        gen_state = self._gen.get_state() if self._gen is not None else self._gen_state
+        state["noise_rng"] = None if gen_state is None else gen_state.cpu()
+        state["micro"] = self._micro
+        return state
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        super().load_resume_state(state)
+        self._gen_state = state.get("noise_rng")
+        self._gen = None
+        self._micro = int(state.get("micro", 0))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._gen_state = checkpoint.get("flatlit_noise_rng")
-        self._gen = None
+        if "flatlit_noise_rng" in checkpoint:  # checkpoints of flatlit 0.1
+            self._gen_state, self._gen = checkpoint["flatlit_noise_rng"], None
 
     def no_sync(self, enabled: bool = True) -> AbstractContextManager:
         """Skip the DDP gradient all-reduce for the backward passes inside (a no-op without DDP)."""
