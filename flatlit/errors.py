@@ -11,3 +11,7 @@ class ConfigError(FlatlitError, ValueError):
 
 class DataNotFoundError(FlatlitError, FileNotFoundError):
     """Dataset files are missing; the message says where flatlit looked and how to get them."""
+
+
+class DivergenceError(FlatlitError, FloatingPointError):
+    """Training produced a non-finite loss or gradient; the message names the step and the saved checkpoint."""

@@ -24,16 +24,19 @@ def quiet_trainer(**kw) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kw})
 
 
-def run_torchrun(script: str, args: list[str], port: int, nproc: int = 2, timeout: int = 300) -> None:
+def run_torchrun(
+    script: str, args: list[str], port: int, nproc: int = 2, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run ``script`` under ``torchrun --nproc_per_node nproc`` (CPU, gloo), one thread per process."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    subprocess.run(
+    return subprocess.run(
         [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), script, *args],
         check=True,
         env=env,
         timeout=timeout,
         capture_output=True,
+        text=True,
     )
 
 

@@ -60,6 +60,10 @@ def slq_density(
     for _ in range(num_runs):
         v0 = torch.randn(n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
         a, b = _tridiagonal(matvec, v0, num_steps)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # a non-finite operator: NaN, not a crash
+            nan = torch.full((num_runs, num_steps), float("nan"), dtype=torch.float64)
+            grid = torch.full((num_points,), float("nan"), dtype=torch.float64)
+            return SpectralDensity(grid, grid.clone(), nan, nan.clone(), num_runs * num_steps)
         T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
         theta, S = torch.linalg.eigh(T)
         pad = num_steps - len(theta)

@@ -156,6 +156,8 @@ class HessianOperator:
         v = torch.randn(self.numel, generator=g, dtype=torch.float64).to(self.device, self.dtype)
         a, b = self.matvec(v), self.matvec(v)
         self.num_matvecs -= 2
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return  # a non-finite operator (diverged weights) is reported by the solvers' NaN results
         tol = rtol if rtol is not None else (1e-10 if self.dtype == torch.float64 else 1e-4)
         err = (a - b).norm() / a.norm().clamp_min(1e-30)
         if not torch.isfinite(err) or err > tol:

@@ -88,6 +88,10 @@ def lanczos(
             w = w - V[: j + 1].T @ (V[: j + 1] @ w)
         beta[j] = w.double().norm()
         m = j + 1
+        if not (torch.isfinite(alpha[j]) and torch.isfinite(beta[j])):  # a non-finite operator: NaN, not a crash
+            nan = torch.full((k,), float("nan"), dtype=torch.float64)
+            vecs = torch.full((k, n), float("nan"), dtype=dtype, device=device) if return_eigenvectors else None
+            return EigenResult(nan, vecs, nan.clone(), m, False)
         breakdown = beta[j] <= 1e-12 * max(1.0, float(alpha[: j + 1].abs().max()))
         if m >= k and (m % check_every == 0 or breakdown or m == max_iter):
             T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)

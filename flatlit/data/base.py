@@ -153,7 +153,9 @@ class FlatlitDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks, rank 0 writes
+        # only into a logger's run directory (without a logger, log_dir is the working directory); trainer.log_dir
+        # is a broadcast under DDP: every rank asks, rank 0 writes
+        log_dir = trainer.log_dir if trainer.loggers else None
         if log_dir is None or trainer.global_rank != 0:
             return
         os.makedirs(log_dir, exist_ok=True)

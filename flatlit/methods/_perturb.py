@@ -86,8 +86,10 @@ def lpf_noise(
 def cosine_inc(step: int, total_steps: int, gamma0: float, inc: float) -> float:
     """LPF-SGD's CosineInc radius schedule (SPEC §5.2): γ(t) = γ₀((inc−1)(1 − cos(πt/T))/2 + 1).
 
-    γ rises along a half cosine from γ₀ at t=0 to inc·γ₀ at t=T (inc = 1 keeps γ fixed). The original constructs
-    it with ``inc = args.inc - 1``; here ``inc`` is the final multiple itself.
+    γ rises along a half cosine from γ₀ at t=0 to inc·γ₀ at t=T (inc = 1 keeps γ fixed); T counts optimizer
+    updates. ``inc`` is the original's command-line ``--inc`` (the README's α): its ``CosineInc`` receives
+    ``args.inc - 1`` and computes γ₀(sf·(args.inc − 1) + 1) with sf = (1 − cos(πt/T))/2, so ``--inc 15`` ends at
+    15·γ₀, and ``inc: 15`` here gives the same schedule.
     """
     if total_steps <= 0 or inc == 1:
         return gamma0

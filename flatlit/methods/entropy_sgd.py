@@ -70,6 +70,9 @@ class EntropySGD(PerturbationModule):
         self._inner = 0
         self._anchor: list[torch.Tensor] | None = None
 
+    def updates_per_epoch(self, batches: int) -> int:
+        return math.ceil(batches / self.L)  # an outer step every L batches and at the end of each epoch
+
     def rank_offset(self) -> int:
         return 0  # identical SGLD noise on every replica keeps DDP replicas in lockstep
 
@@ -86,6 +89,7 @@ class EntropySGD(PerturbationModule):
             self._mdw = [torch.zeros_like(p) for p in params]
         logits = self(x)
         loss = self.loss_fn(logits, y)
+        self._step_loss = loss.detach()
         self.manual_backward(loss)
         gen = self.noise_generator()
         noise_scale = self.eps / math.sqrt(0.5 * self.sgld_lr)

@@ -23,8 +23,8 @@ class LPFSGD(PerturbationModule):
     Args:
         gamma: γ₀, the noise std relative to the filter norm (0.001 MNIST, 0.002 CIFAR, 0.0005 ImageNet).
         num_samples: M, Monte-Carlo samples per step; the batch is split into M chunks (must divide the batch size).
-        inc: CosineInc final multiple: γ rises from γ₀ to inc·γ₀ along a half cosine over training (1 = fixed γ;
-            the README's α=15 means ``inc=16`` in the original's ``CosineInc(..., inc - 1)`` convention, see SPEC).
+        inc: CosineInc final multiple: γ rises from γ₀ to inc·γ₀ along a half cosine over the run's optimizer
+            updates (1 = fixed γ). It equals the original's ``--inc`` (the README's α): ``--inc 15`` is ``inc: 15``.
         exclude_bn: leave BatchNorm parameters unperturbed (the original perturbs all parameters).
         exclude_bias: leave biases unperturbed.
         bn_stats_on_noisy_pass: BatchNorm statistics update during the noisy passes (the original). When False
@@ -67,8 +67,8 @@ class LPFSGD(PerturbationModule):
             )
 
     def current_gamma(self) -> float:
-        total = self.trainer.estimated_stepping_batches if self.inc != 1 else 0
-        return cosine_inc(self.global_step, int(total), self.gamma0, self.inc)
+        total = self.total_updates() if self.inc != 1 else 0
+        return cosine_inc(self.global_step, total, self.gamma0, self.inc)
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool):
         params = [p for _, p in self.named_trainable(self.exclude_bn, self.exclude_bias)]

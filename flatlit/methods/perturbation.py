@@ -18,6 +18,7 @@ Manual optimization, done so Lightning behaves as with automatic optimization (P
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -74,6 +75,7 @@ class PerturbationModule(ClassificationModule):
 
     # ---- Lightning plumbing -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         precision = str(self.trainer.precision)
         if precision in ("16-mixed", "16", "16-true"):
             raise ConfigError(
@@ -214,6 +216,33 @@ class PerturbationModule(ClassificationModule):
             else:
                 p.grad.add_(g)
 
+    # ---- schedules ---------------------------------------------------------------------------------------------
+    def updates_per_epoch(self, batches: int) -> int:
+        """Optimizer updates in an epoch of ``batches`` batches (an update every k batches and at the epoch end)."""
+        return math.ceil(batches / self.accumulate_grad_batches)
+
+    def total_updates(self) -> int:
+        """T, the number of optimizer updates of the whole run, however it is bounded.
+
+        ``trainer.estimated_stepping_batches`` counts batches for manual optimization (Lightning's own
+        ``accumulate_grad_batches`` is 1 there): here an epoch of ``num_training_batches`` batches (after
+        ``limit_train_batches``, per process under DDP) makes :meth:`updates_per_epoch` updates, times
+        ``max_epochs``, capped by ``max_steps``. Schedules over the run (CosineInc, SmoothOut's tanh) use it.
+        """
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        epochs_bound = max_epochs is not None and max_epochs >= 0 and math.isfinite(batches)
+        total = self.updates_per_epoch(int(batches)) * max_epochs if epochs_bound else math.inf
+        if max_steps is not None and max_steps >= 0:
+            total = min(total, max_steps)
+        if not math.isfinite(total):
+            raise ConfigError(
+                f"{type(self).__name__}: its schedule needs the run's length; set trainer.max_steps (the training "
+                "data has no length) or trainer.max_epochs."
+            )
+        return int(total)
+
     # ---- the training step --------------------------------------------------------------------------------------
     def compute_gradients(
         self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool
@@ -233,6 +262,7 @@ class PerturbationModule(ClassificationModule):
         x, y = batch
         step_now = self.is_update_batch()
         loss, logits, extras = self.compute_gradients(x, y, 1.0 / self.accumulate_grad_batches, sync=step_now)
+        self._step_loss = loss.detach()
         if step_now:
             self.optimizer_update()
         else:

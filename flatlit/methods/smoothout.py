@@ -66,7 +66,7 @@ class SmoothOut(PerturbationModule):
         self.bn_stats_on_noisy_pass, self.clean_loss = bn_stats_on_noisy_pass, clean_loss
 
     def current_scale(self) -> float:
-        total = int(self.trainer.estimated_stepping_batches) if self.schedule == "tanh" else 0
+        total = self.total_updates() if self.schedule == "tanh" else 0
         return smoothout_scale(self.schedule, self.global_step, total, self.anneal_index, self.tanh_scale)
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool):

@@ -233,3 +233,13 @@ def test_save_labels_file(mnist_dir, tmp_path):
     dm.setup("fit")
     saved = torch.load(os.path.join(trainer.log_dir, "train_labels.pt"))
     assert torch.equal(saved["targets"], dm.train_targets) and saved["label_noise"] == 0.2
+
+
+def test_no_labels_file_without_a_logger(mnist_dir, tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    monkeypatch.chdir(tmp_path)  # without a logger, trainer.log_dir is the working directory: nothing goes there
+    dm = MNISTDataModule(data_dir=mnist_dir, label_noise=0.2, download=False)
+    dm.trainer = pl.Trainer(logger=False, max_epochs=1)
+    dm.setup("fit")
+    assert not os.path.exists(tmp_path / "train_labels.pt")

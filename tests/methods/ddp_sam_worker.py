@@ -5,7 +5,7 @@ import sys
 import torch
 
 from flatlit.data import MNISTDataModule
-from flatlit.methods import SAM
+from flatlit.methods import LPFSGD, SAM
 from tests.helpers import quiet_trainer
 
 
@@ -29,6 +29,11 @@ def main(data_dir: str, out: str) -> None:
             "w1": [p.detach().clone() for p in module.model.parameters()],
             "step": trainer.global_step,
         }
+    # schedule length: 240 examples over 2 ranks in batches of 20 = 6 batches per rank and epoch, an update every 2
+    lpf = LPFSGD(arch="mlp", arch_kwargs={"width": 8}, inc=15, gamma=0.01, accumulate_grad_batches=2)
+    trainer = quiet_trainer(devices=2, strategy="ddp", max_epochs=2, limit_val_batches=0)
+    trainer.fit(lpf, datamodule=MNISTDataModule(data_dir=data_dir, batch_size=20, download=False))
+    results["lpf"] = {"total": lpf.total_updates(), "step": trainer.global_step, "gamma": lpf.current_gamma()}
     rank = torch.distributed.get_rank()
     torch.save(results, f"{out}.{rank}")
 

@@ -33,7 +33,8 @@ def rank_batch(dm, rank):
 @pytest.mark.distributed
 def test_sam_ddp_per_replica_perturbation(tmp_path, mnist_dir):
     out = str(tmp_path / "res")
-    run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_sam_worker.py"), [mnist_dir, out], port=29533)
+    proc = run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_sam_worker.py"), [mnist_dir, out], port=29533)
+    assert "It is recommended to use `self.log(" not in proc.stderr  # flatlit reduces its epoch metrics itself
     res = [torch.load(f"{out}.{r}") for r in range(2)]
     dm = MNISTDataModule(data_dir=mnist_dir, batch_size=60, download=False)
     dm.setup("fit")
@@ -56,5 +57,9 @@ def test_sam_ddp_per_replica_perturbation(tmp_path, mnist_dir):
         for r in range(2):
             for got, exp in zip(res[r][sync]["w1"], expected):
                 torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    # CosineInc's T counts the updates of each process: 2 epochs x ceil(6 batches / 2) = 6, and γ ends at 15·γ₀
+    for r in range(2):
+        assert res[r]["lpf"]["total"] == res[r]["lpf"]["step"] == 6
+        assert abs(res[r]["lpf"]["gamma"] - 15 * 0.01) < 1e-12
     # the two modes differ: the test can tell per-replica from synced perturbations
     assert not torch.allclose(res[0][False]["w1"][0], res[0][True]["w1"][0])
