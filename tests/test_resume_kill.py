@@ -40,7 +40,11 @@ def config(tmp_path, family: str, data: dict, name: str, arch: str = "lenet") ->
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 3, "save_last": True},
+                    "init_args": {
+                        "dirpath": str(tmp_path / name / "ckpt"),
+                        "every_n_train_steps": 3,
+                        "save_last": True,
+                    },
                 }
             ],
         },

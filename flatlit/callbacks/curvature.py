@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from flatlit.callbacks.history import HistoryCSV
@@ -64,7 +64,8 @@ class CurvatureCallback(Callback):
         resample: draw a new sample at every measurement (seed + measurement index); default: one fixed sample.
         augment: apply the training augmentation to the sample (Jastrzębski et al.'s ``lanczos_aug``).
         include_l2: include the L2 penalty ½λ‖θ‖² with λ the optimizer's ``weight_decay``.
-        loss_fn: ``loss_fn(pl_module(x), y)``; cross-entropy by default.
+        loss_fn: ``loss_fn(pl_module(x), y)``; default: the module's callable ``loss_fn`` (flatlit modules), else
+            cross-entropy.
         exclude_bn, exclude_bias: leave BatchNorm parameters / biases out of the Hessian.
         bn_mode: ``eval`` (running statistics, default) or ``train`` (batch statistics, buffers restored).
         backend: ``double`` (double backward) or ``func`` (torch.func forward-over-reverse).
@@ -107,6 +108,7 @@ class CurvatureCallback(Callback):
         self.every_n_epochs, self.every_n_steps, self.at_train_start = every_n_epochs, every_n_steps, at_train_start
         self.resample, self.augment, self.include_l2 = resample, augment, include_l2
         self.loss_fn = loss_fn or F.cross_entropy
+        self._user_loss_fn = loss_fn
         self.exclude_bn, self.exclude_bias, self.bn_mode, self.backend = exclude_bn, exclude_bias, bn_mode, backend
         self.seed = seed
         self.num_measurements = 0
@@ -161,7 +163,14 @@ class CurvatureCallback(Callback):
         wd = 0.0
         if self.include_l2 and trainer.optimizers:
             wd = float(trainer.optimizers[0].param_groups[0].get("weight_decay", 0.0))
-        return HessianOperator(pl_module, batches, self.loss_fn, self.params(pl_module), wd, self.bn_mode, self.backend)
+        loss_fn = self.module_loss_fn(pl_module)
+        return HessianOperator(pl_module, batches, loss_fn, self.params(pl_module), wd, self.bn_mode, self.backend)
+
+    def module_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
+        """The ``loss_fn`` given to the callback, else the module's callable ``loss_fn``, else cross-entropy."""
+        if self._user_loss_fn is None and callable(getattr(pl_module, "loss_fn", None)):
+            return pl_module.loss_fn
+        return self.loss_fn
 
     # ---- validation at setup -----------------------------------------------------------------------------------
     @override
@@ -175,7 +184,7 @@ class CurvatureCallback(Callback):
             with torch.no_grad(), preserved_rng():
                 was = pl_module.training
                 pl_module.eval()
-                loss = self.loss_fn(pl_module(self._to_module(x[:2], pl_module)), y[:2].to(device))
+                loss = self.module_loss_fn(pl_module)(pl_module(self._to_module(x[:2], pl_module)), y[:2].to(device))
                 pl_module.train(was)
         except Exception as err:
             raise ConfigError(
@@ -231,7 +240,13 @@ class CurvatureCallback(Callback):
         with preserved_rng():
             start = time.perf_counter()
             op = self.operator(trainer, pl_module)
-            metrics = self.compute(trainer, pl_module, op)
+            finite = all(bool(torch.isfinite(p).all()) for p in op.params)
+            metrics = self.compute(trainer, pl_module, op)  # the solvers return NaN for a non-finite operator
+            if not all(np.isfinite(v) for v in metrics.values()):
+                rank_zero_warn(
+                    f"{type(self).__name__}: non-finite {'weights' if not finite else 'curvature'} at step "
+                    f"{trainer.global_step} (epoch {trainer.current_epoch}); logging NaN for this measurement."
+                )
             metrics[f"{self.prefix}/{self.cost_name}seconds"] = time.perf_counter() - start
             metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         self.num_measurements += 1
@@ -430,7 +445,8 @@ class HessianSpectrum(CurvatureCallback):
             dtype=op.dtype,
             device=op.device,
         )
-        self._save(trainer, d)
+        if bool(torch.isfinite(d.nodes).all()):
+            self._save(trainer, d)
         return {
             f"{self.prefix}/spectrum_max": float(d.nodes.max()),
             f"{self.prefix}/spectrum_min": float(d.nodes.min()),

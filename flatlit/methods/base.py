@@ -9,19 +9,40 @@ are injected callables (LightningCLI ``OptimizerCallable``/``LRSchedulerCallable
 
 from __future__ import annotations
 
+import os
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from flatlit.errors import ConfigError
+from flatlit.errors import ConfigError, DivergenceError
 from flatlit.models import create_model
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cohen et al. 2021's square loss: ``0.5 * mean_i sum_c (logits[i, c] - onehot(y)[i, c])**2``."""
+    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return 0.5 * (logits - target).pow(2).sum(-1).mean()
+
+
+# Console noise that says nothing to a flatlit user: the epoch metrics below are reduced over ranks before they
+# are logged (so Lightning's sync_dist advice does not apply), flatlit logs per epoch (so the per-step logging
+# interval is irrelevant), and Lightning's own pytree deprecation is not the user's to fix.
+_PRE_REDUCED = r"(train/|lr'|gen_gap'|val/acc'|test/acc')"
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('" + _PRE_REDUCED)
+warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -45,7 +66,14 @@ class ClassificationModule(pl.LightningModule):
         lr_scheduler: optional scheduler factory ``optimizer -> scheduler``.
         scheduler_interval: ``epoch`` or ``step``: when the scheduler steps.
         scheduler_monitor: metric that ReduceLROnPlateau watches.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (``loss: cross_entropy`` only).
+        loss: ``cross_entropy`` or ``mse``, the square loss of Cohen et al. 2021 (edge of stability):
+            ``0.5 * mean over examples of sum over classes of (logit - onehot)**2``. Training, validation, test
+            and the curvature callbacks all use this loss (:meth:`loss_fn`).
+        stop_on_nonfinite: stop the run at the first non-finite training loss or gradient, before that step is
+            taken: a checkpoint of the last finite state is saved and :class:`~flatlit.errors.DivergenceError`
+            names the step, the epoch and the last finite loss (``flatlit fit`` prints it as one line, exit code
+            2). ``false`` keeps training (the NaN values are logged).
     """
 
     def __init__(
@@ -60,10 +88,25 @@ class ClassificationModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
         label_smoothing: float = 0.0,
+        loss: str = "cross_entropy",
+        stop_on_nonfinite: bool = True,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"model.init_args.scheduler_interval: 'epoch' or 'step', got {scheduler_interval!r}.")
+        if loss not in LOSSES:
+            raise ConfigError(f"model.init_args.loss: one of {', '.join(LOSSES)}, got {loss!r}.")
+        if loss != "cross_entropy" and label_smoothing > 0:
+            raise ConfigError(
+                f"model.init_args.label_smoothing: applies to the cross-entropy loss only; set it to 0 with "
+                f"loss {loss!r}."
+            )
+        linked = sorted(set(arch_kwargs or {}) & {"num_classes", "in_channels", "image_size"})
+        if linked:
+            raise ConfigError(
+                f"model.init_args.arch_kwargs: {', '.join(linked)} come from model.init_args (linked from the data); "
+                f"remove them from arch_kwargs."
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model: nn.Module = create_model(
             arch,
@@ -79,11 +122,21 @@ class ClassificationModule(pl.LightningModule):
         self._train_sums: torch.Tensor | None = None
         self._train_keys: list[str] = []
         self._epoch_train_acc: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._last_finite: tuple[torch.Tensor, int] | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and getattr(self.trainer, "limit_val_batches", None) == 0:
+            # validation is off on purpose: a checkpoint monitoring val/* cannot find its key, as expected
+            warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch-mean training loss of ``logits`` against integer labels ``y`` (``loss`` hyperparameter)."""
+        if self.hparams.get("loss", "cross_entropy") == "mse":
+            return mse_loss(logits, y)
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     # ---- logging helpers --------------------------------------------------------------------------------------
@@ -102,6 +155,7 @@ class ClassificationModule(pl.LightningModule):
         """
         n = y.numel()
         dev = loss.device
+        self._step_loss = loss.detach()
         vals = [
             loss.detach().float() * n,
             (logits.detach().argmax(-1) == y).sum().float(),
@@ -142,7 +196,7 @@ class ClassificationModule(pl.LightningModule):
     def _eval_step(self, batch: Any, metric: MulticlassAccuracy, prefix: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.loss_fn(logits, y)
         metric.update(logits, y)
         self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
         return loss
@@ -165,26 +219,113 @@ class ClassificationModule(pl.LightningModule):
         self.log("test/acc", self.test_acc.compute())
         self.test_acc.reset()
 
+    # ---- divergence -------------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check the step about to be taken (automatic and manual optimization alike)."""
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Stop at the first non-finite training loss or gradient, before the optimizer steps with it.
+
+        The gradient is checked after the DDP all-reduce, so every rank decides alike; the local loss is checked
+        too in a single process (under DDP a non-finite loss shows in the reduced gradient). On failure the
+        gradients are dropped (the step is a no-op), a checkpoint of the current, last finite, state is written
+        and :class:`~flatlit.errors.DivergenceError` is raised.
+        """
+        if not self.hparams.get("stop_on_nonfinite", True):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        loss = self._step_loss
+        ok = torch.isfinite(norm)
+        if loss is not None and self.trainer.world_size == 1:
+            ok = ok & torch.isfinite(loss)
+        if bool(ok):
+            if loss is not None:
+                self._last_finite = (loss, self.global_step)
+            return
+        for p in self.parameters():
+            p.grad = None
+        path = self._save_last_finite()
+        what = f"training loss {float(loss):.4g}" if loss is not None and not torch.isfinite(loss) else "gradient"
+        last = "none"
+        if self._last_finite is not None:
+            last = f"{float(self._last_finite[0]):.6g} at step {self._last_finite[1]}"
+        raise DivergenceError(
+            f"non-finite {what} at step {self.global_step} (epoch {self.current_epoch}); the last finite training "
+            f"loss was {last}. The state before this step is saved in {path}. Lower the learning rate or clip "
+            f"the gradients, or set model.init_args.stop_on_nonfinite: false to keep going."
+        )
+
+    def _save_last_finite(self) -> str:
+        trainer = self.trainer
+        folder = None
+        for cb in trainer.checkpoint_callbacks:
+            folder = getattr(cb, "dirpath", None) or folder
+        if folder is None:
+            folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        path = os.path.join(folder, f"last-finite-step{self.global_step}.ckpt")
+        trainer.save_checkpoint(path)  # on every rank (it gathers the resume state); rank 0 writes
+        return path
+
     # ---- exact resume ----------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the RNG states (dropout, noise draws) so a resumed run continues the same random stream."""
-        checkpoint["flatlit_rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": _numpy_state_to_safe(np.random.get_state()),
-            "python": random.getstate(),
+    def resume_state(self) -> dict[str, Any]:
+        """This process's state that a checkpoint must carry for an exact resume from any step.
+
+        The RNG streams (dropout, augmentation, noise draws) and the partial epoch's training-metric sums (a
+        checkpoint taken mid-epoch must not lose the batches already seen). Subclasses extend it.
+        """
+        sums = self._train_sums
+        return {
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": _numpy_state_to_safe(np.random.get_state()),
+                "python": random.getstate(),
+            },
+            "train_sums": None if sums is None else sums.detach().cpu(),
+            "train_keys": list(self._train_keys),
         }
 
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`resume_state` saved."""
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+        if state.get("train_sums") is not None:
+            self._train_sums = state["train_sums"].to(self.device)
+            self._train_keys = list(state.get("train_keys", []))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's :meth:`resume_state` (gathered: Lightning calls this hook on all ranks and only
+        rank 0 writes), so each rank of a resumed DDP run continues its own random streams and sums."""
+        local = self.resume_state()
+        states = [local]
+        if self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, local)
+        checkpoint["flatlit_resume"] = states
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("flatlit_rng")
-        if not state:
+        states = checkpoint.get("flatlit_resume")
+        if not states:
+            legacy = checkpoint.get("flatlit_rng")  # checkpoints of flatlit 0.1
+            states = [{"rng": legacy}] if legacy else []
+        if not states:
             return
-        torch.set_rng_state(state["torch"])
-        if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(state["python"])
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if len(states) != world:
+            rank_zero_warn(
+                f"flatlit: the checkpoint was written by {len(states)} process(es) and this run has {world}; random "
+                "streams and partial-epoch metric sums are restored from rank 0's, so the resume is not exact."
+            )
+            rank = 0
+        self.load_resume_state(states[rank])
 
     # ---- optimizers -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

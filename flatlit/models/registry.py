@@ -8,6 +8,7 @@ plus its own keyword arguments. Names that are not registered fall back to ``tim
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -51,16 +52,46 @@ def _torchvision(name: str, num_classes: int, in_channels: int, **kwargs: Any) -
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
+_SIZES = ("num_classes", "in_channels", "image_size")
+
+
+def _check_kwargs(name: str, fn: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments that the builder ``fn`` does not take (unless it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    bad = sorted(set(kwargs) - set(params))
+    if bad:
+        accepted = [k for k, p in params.items() if k not in _SIZES and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        raise ConfigError(
+            f"model.init_args.arch_kwargs: model {name!r} has no argument {', '.join(map(repr, bad))}; "
+            f"accepted keys: {', '.join(accepted) or '(none)'}."
+        )
+
+
 def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: Any
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name.
 
+    Sizes left at None are not passed to a registered builder, so its own defaults apply (e.g. LeNet: 1×28×28);
+    timm and torchvision models default to 10 classes and 3 input channels.
+
     Raises:
-        ConfigError: the name is not registered and neither timm nor torchvision knows it.
+        ConfigError: the name is not registered and neither timm nor torchvision knows it, or ``kwargs`` holds
+            a key that the registered builder does not accept.
     """
     if name in _REGISTRY:
-        return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+        fn = _REGISTRY[name]
+        _check_kwargs(name, fn, kwargs)
+        given = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        return fn(**{k: v for k, v in given.items() if v is not None}, **kwargs)
+    num_classes = 10 if num_classes is None else num_classes
+    in_channels = 3 if in_channels is None else in_channels
     if name.startswith("timm/"):
         return _timm(name[5:], num_classes, in_channels, **kwargs)
     if name.startswith("torchvision/"):

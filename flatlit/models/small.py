@@ -1,31 +1,62 @@
-"""Small reference networks: LeNet, MLP, SimpleCNN, Neyshabur's FC and VGG, the CS-439 *Batch CNNs."""
+"""Small reference networks: LeNet, MLP, SimpleCNN, Neyshabur's FC and VGG, the CS-439 *Batch CNNs.
+
+Every builder takes ``activation`` (default ``relu``; see :data:`ACTIVATIONS`), e.g. ``tanh`` for the
+edge-of-stability runs of Cohen et al. 2021. Activations have no parameters, so state_dict keys do not depend on it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatlit.errors import ConfigError
 from flatlit.models.registry import register_model
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "identity": nn.Identity,
+    "linear": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """A new activation module by name (``relu``, ``tanh``, ``elu``, ``gelu``, ``identity``/``linear``, ...)."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            f"model.init_args.arch_kwargs.activation: unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}."
+        )
+    return ACTIVATIONS[name]()
 
 
 class LeNet(nn.Module):
     """The LeNet of LPF-SGD's MNIST runs (SPEC §5.9): conv32-conv64 (3×3) → maxpool → drop .25 → FC128 → drop .5."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, activation: str = "relu"
+    ) -> None:
         super().__init__()
         s = (image_size - 4) // 2
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3),
-            nn.ReLU(),
+            make_activation(activation),
             nn.Conv2d(32, 64, 3),
-            nn.ReLU(),
+            make_activation(activation),
             nn.MaxPool2d(2),
             nn.Dropout(0.25),
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(64 * s * s, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes)
+            nn.Linear(64 * s * s, 128), make_activation(activation), nn.Dropout(0.5), nn.Linear(128, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +64,8 @@ class LeNet(nn.Module):
 
 
 @register_model("lenet")
-def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    return LeNet(num_classes, in_channels, image_size)
+def lenet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, activation: str = "relu") -> nn.Module:
+    return LeNet(num_classes, in_channels, image_size, activation)
 
 
 @register_model("mlp")
@@ -45,12 +76,15 @@ def mlp(
     width: int = 512,
     depth: int = 1,
     batch_norm: bool = False,
+    activation: str = "relu",
 ) -> nn.Module:
-    """Fully connected ReLU network with ``depth`` hidden layers of ``width`` units (optional BN before ReLU)."""
+    """Fully connected network with ``depth`` hidden layers of ``width`` units (optional BN before the activation)."""
     layers: list[nn.Module] = [nn.Flatten()]
     d_in = in_channels * image_size * image_size
+    make_activation(activation)  # a bad name fails even when depth == 0
     for _ in range(depth):
-        layers += [nn.Linear(d_in, width)] + ([nn.BatchNorm1d(width)] if batch_norm else []) + [nn.ReLU()]
+        layers += [nn.Linear(d_in, width)] + ([nn.BatchNorm1d(width)] if batch_norm else [])
+        layers.append(make_activation(activation))
         d_in = width
     layers.append(nn.Linear(d_in, num_classes))
     return nn.Sequential(*layers)
@@ -68,13 +102,15 @@ def simple_cnn(
     n_dense: int = 128,
     batch_norm: bool = False,
     dropout: float = 0.0,
+    activation: str = "relu",
 ) -> nn.Module:
     """Jastrzebski et al.'s SimpleCNN (SPEC §3.5; arXiv 1807.05031).
 
     [conv k same → (BN) → ReLU → conv k valid → (BN) → ReLU]×n1, maxpool 2, the same with 2F filters ×n2, maxpool 2,
     Dense(n_dense) → (BN) → ReLU → (Dropout) → Dense(classes). Glorot-uniform init. ``root``: F=32, k=3;
-    ``medium``: F=100, k=5.
+    ``medium``: F=100, k=5. ``activation`` replaces every ReLU.
     """
+    make_activation(activation)
     layers: list[nn.Module] = []
     c, s = in_channels, image_size
     for stage, n in ((1, n1), (2, n2)):
@@ -84,7 +120,7 @@ def simple_cnn(
                 layers.append(nn.Conv2d(c, f, kernel_size, padding=pad))
                 if batch_norm:
                     layers.append(nn.BatchNorm2d(f))
-                layers.append(nn.ReLU())
+                layers.append(make_activation(activation))
                 c = f
                 s = s if pad else s - kernel_size + 1
         layers.append(nn.MaxPool2d(2))
@@ -92,7 +128,7 @@ def simple_cnn(
     if s < 1:
         raise ValueError(f"simple_cnn: image_size {image_size} is too small for kernel_size {kernel_size}")
     layers += [nn.Flatten(), nn.Linear(c * s * s, n_dense)]
-    layers += ([nn.BatchNorm1d(n_dense)] if batch_norm else []) + [nn.ReLU()]
+    layers += ([nn.BatchNorm1d(n_dense)] if batch_norm else []) + [make_activation(activation)]
     layers += ([nn.Dropout(dropout)] if dropout > 0 else []) + [nn.Linear(n_dense, num_classes)]
     net = nn.Sequential(*layers)
     for m in net.modules():
@@ -118,6 +154,7 @@ class _BatchCNN(nn.Module):
         in_channels: int,
         image_size: int,
         legacy_logsoftmax_dim0: bool = False,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -127,10 +164,12 @@ class _BatchCNN(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 s //= 2
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=padding), nn.ReLU(), nn.BatchNorm2d(v)]
+                layers += [nn.Conv2d(c, v, 3, padding=padding), make_activation(activation), nn.BatchNorm2d(v)]
                 c, s = v, s - 2 + 2 * padding
         self.features = nn.Sequential(*layers, nn.Flatten())
-        self.classifier = nn.Sequential(nn.Linear(c * s * s, head), nn.ReLU(), nn.Linear(head, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(c * s * s, head), make_activation(activation), nn.Linear(head, num_classes)
+        )
         self.legacy_logsoftmax_dim0 = legacy_logsoftmax_dim0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,47 +179,57 @@ class _BatchCNN(nn.Module):
 
 @register_model("simple_batch")
 def simple_batch(
-    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, legacy_logsoftmax_dim0: bool = False
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    legacy_logsoftmax_dim0: bool = False,
+    activation: str = "relu",
 ) -> nn.Module:
-    return _BatchCNN([16, 32, "M", 64, 128, "M"], 0, 128, num_classes, in_channels, image_size, legacy_logsoftmax_dim0)
+    plan = [16, 32, "M", 64, 128, "M"]
+    return _BatchCNN(plan, 0, 128, num_classes, in_channels, image_size, legacy_logsoftmax_dim0, activation)
 
 
 @register_model("middle_batch")
 def middle_batch(
-    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, legacy_logsoftmax_dim0: bool = False
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    legacy_logsoftmax_dim0: bool = False,
+    activation: str = "relu",
 ) -> nn.Module:
-    return _BatchCNN(
-        [16, 32, "M", 64, 128, "M", 256, 512, "M"],
-        1,
-        512,
-        num_classes,
-        in_channels,
-        image_size,
-        legacy_logsoftmax_dim0,
-    )
+    plan = [16, 32, "M", 64, 128, "M", 256, 512, "M"]
+    return _BatchCNN(plan, 1, 512, num_classes, in_channels, image_size, legacy_logsoftmax_dim0, activation)
 
 
 @register_model("complex_batch")
 def complex_batch(
-    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, legacy_logsoftmax_dim0: bool = False
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    legacy_logsoftmax_dim0: bool = False,
+    activation: str = "relu",
 ) -> nn.Module:
     plan = [16, 32, 32, "M", 64, 128, 128, "M", 256, 512, 512, "M"]
-    return _BatchCNN(plan, 1, 512, num_classes, in_channels, image_size, legacy_logsoftmax_dim0)
+    return _BatchCNN(plan, 1, 512, num_classes, in_channels, image_size, legacy_logsoftmax_dim0, activation)
 
 
 @register_model("neyshabur_fc")
-def neyshabur_fc(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, hidden: int = 1024) -> nn.Module:
+def neyshabur_fc(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, hidden: int = 1024, activation: str = "relu"
+) -> nn.Module:
     """Neyshabur et al.'s two-layer perceptron (SPEC §4.1): Linear(C·H·W → hidden) → ReLU → Linear."""
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_channels * image_size * image_size, hidden),
-        nn.ReLU(),
+        make_activation(activation),
         nn.Linear(hidden, num_classes),
     )
 
 
 @register_model("neyshabur_vgg")
-def neyshabur_vgg(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+def neyshabur_vgg(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, activation: str = "relu"
+) -> nn.Module:
     """Neyshabur et al.'s VGG (SPEC §4.1): conv3×3 64,64,M,128,128,M,256,256,M,512,512,A, no conv BN;
     M = MaxPool2 + Dropout .5, A = MaxPool4 + Dropout .5; head Linear 512→512 → BN1d → ReLU → Dropout .5 → Linear.
     Expects 32×32 inputs (the reference resizes to 32)."""
@@ -192,14 +241,14 @@ def neyshabur_vgg(num_classes: int = 10, in_channels: int = 3, image_size: int =
         elif v == "A":
             layers += [nn.MaxPool2d(4), nn.Dropout(0.5)]
         else:
-            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c, v, 3, padding=1), make_activation(activation)]
             c = v
     s = image_size // 32
     layers += [
         nn.Flatten(),
         nn.Linear(512 * s * s, 512),
         nn.BatchNorm1d(512),
-        nn.ReLU(),
+        make_activation(activation),
         nn.Dropout(0.5),
         nn.Linear(512, num_classes),
     ]

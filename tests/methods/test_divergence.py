@@ -21,7 +21,6 @@ from tests.helpers import quiet_trainer
 from tests.test_cli import write_config
 
 
-
 @pytest.mark.parametrize("family", ["sgd", "sam"])
 def test_nonfinite_loss_stops_with_one_line_and_a_finite_checkpoint(tmp_path, mnist_dir, capsys, family):
     model = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e4}}}

@@ -44,3 +44,65 @@ def test_unknown_model_is_a_clear_error():
 def test_register_twice_refused():
     with pytest.raises(ValueError, match="already registered"):
         register_model("lenet")(lambda **kw: None)
+
+
+def test_unknown_arch_kwarg_is_a_clear_error():
+    with pytest.raises(ConfigError) as exc:
+        create_model("simple_batch", 10, 1, 28, width=200, depth=2)
+    msg = str(exc.value)
+    assert msg.startswith("model.init_args.arch_kwargs:") and "'depth', 'width'" in msg
+    assert "accepted keys: legacy_logsoftmax_dim0, activation" in msg
+
+
+def test_unknown_arch_kwarg_through_the_cli(tmp_path, mnist_dir, capsys):
+    from flatlit.cli import main
+    from tests.test_cli import error_line, write_config
+
+    cfg = write_config(tmp_path, mnist_dir, model={"arch": "lenet"})
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", cfg, "--model.init_args.arch_kwargs", "{width: 200, depth: 2}"])
+    assert exc.value.code == 2
+    err = error_line(capsys)
+    assert err.startswith("flatlit: error: model.init_args.arch_kwargs: model 'lenet' has no argument 'depth', 'width'")
+    assert "accepted keys: activation" in err
+
+
+def test_builder_defaults_apply_when_sizes_are_not_given():
+    from flatlit.models.small import LeNet
+
+    model = create_model("lenet").eval()
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    model.load_state_dict(LeNet(10, 1, 28).state_dict())
+    assert create_model("mlp", width=4)[1].in_features == 784
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "elu", "gelu", "identity", "linear"])
+def test_activation_choice(name):
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 28, 28)
+    for arch in ("mlp", "lenet", "simple_batch"):
+        model = create_model(arch, 10, 1, 28, activation=name).eval()
+        assert model(x).shape == (3, 10)
+    cnn = create_model("simple_cnn", 10, 1, 28, filters=4, activation=name)
+    assert cnn(x).shape == (3, 10)
+    mlp = create_model("mlp", 10, 1, 28, width=8, depth=2, activation=name)
+    kinds = {type(m) for m in mlp.modules()} - {torch.nn.Sequential, torch.nn.Flatten, torch.nn.Linear}
+    expected = {"relu": "ReLU", "tanh": "Tanh", "elu": "ELU", "gelu": "GELU"}.get(name, "Identity")
+    assert {k.__name__ for k in kinds} == {expected}
+    # activations hold no parameters: the state_dict keys do not depend on the choice
+    assert create_model("lenet", activation=name).state_dict().keys() == create_model("lenet").state_dict().keys()
+
+
+def test_linear_activation_makes_the_mlp_linear():
+    torch.manual_seed(0)
+    mlp = create_model("mlp", 10, 1, 28, width=8, depth=2, activation="linear")
+    x, y = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(mlp(x + y) - mlp(y), mlp(x) - mlp(torch.zeros_like(x)))
+
+
+def test_unknown_activation_is_a_clear_error():
+    for arch in ("mlp", "simple_cnn", "lenet", "complex_batch", "neyshabur_fc"):
+        with pytest.raises(ConfigError, match=r"model.init_args.arch_kwargs.activation: unknown activation 'swish'"):
+            create_model(arch, activation="swish")
+    with pytest.raises(ConfigError, match="accepted: relu, tanh, elu, gelu"):
+        create_model("mlp", depth=0, activation="swish")
