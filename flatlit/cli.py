@@ -127,6 +127,7 @@ class FlatlitCLI(LightningCLI):
             continue_run_directory(self.trainer.loggers, self._resume_path)
             # the run's own checkpoint folder is expected to hold checkpoints when it resumes
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class _StoreRunConfig(Callback):

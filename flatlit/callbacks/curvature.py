@@ -1,12 +1,28 @@
 """Curvature callbacks: Hessian eigenvalues (Lanczos), trace (Hutchinson) and spectral density (SLQ).
 
-Thin Lightning adapters over :mod:`flatlit.curvature`. They work with any LightningModule and DataModule: the
-fixed sample comes from ``datamodule.curvature_batches`` (flatlit DataModules: a seeded subset of the training
-split under the evaluation transform) or, for other DataModules, from the first ``num_samples`` examples of the
-training dataloader. They observe and never perturb: the HVPs use ``torch.autograd.grad`` (``.grad`` untouched) on
-the module in eval mode (BatchNorm running statistics, dropout off), every module's train/eval flag, the BatchNorm
-buffers and the torch/NumPy/Python RNG states are restored, and nothing touches the optimizer. Under DDP every
-rank holds its share of the sample and the HVP sums are all-reduced, so all ranks see the same operator.
+Thin Lightning adapters over :mod:`flatlit.curvature`, usable in any Lightning project:
+
+- **Sample.** ``datamodule.curvature_batches(...)`` when the DataModule has it (flatlit's: a seeded subset of the
+  training split under the evaluation transform); otherwise a seeded random subset of the training loader's
+  *dataset*, read through a separate, unshuffled ``DataLoader`` with the loader's ``collate_fn``: the training
+  loader, its sampler and its generator are never iterated.
+- **Loss.** In this order: the callback's ``batch_loss(pl_module, batch)``; the module's ``curvature_loss(batch)``;
+  ``loss_fn(pl_module(x), y)`` with the callback's ``loss_fn``, else the module's callable ``loss_fn`` attribute,
+  else cross-entropy (refused at setup when the outputs and targets do not fit it). ``(x, y)`` is unpacked from
+  tuples and lists (the first two items) and from dicts with the usual keys (``x``/``input``/``inputs``/``image``/
+  ``images`` and ``y``/``target``/``targets``/``label``/``labels``). Batches are moved with the module's
+  ``transfer_batch_to_device`` hook, floating tensors cast to the parameters' dtype.
+- **Observe, never perturb.** HVPs use ``torch.autograd.grad`` (``.grad`` untouched) with every module in eval mode
+  (BatchNorm running statistics, dropout off); every module's train flag, the BatchNorm buffers and the torch/NumPy/
+  Python RNG states are restored, and nothing touches the optimizer or the training loader.
+- **Results.** Epoch measurements are logged with ``pl_module.log`` from ``on_train_epoch_end`` (so they reach
+  ``trainer.callback_metrics``, ``EarlyStopping``/``ModelCheckpoint`` monitors, every logger and ``history.csv`` at
+  the same step as the epoch's other metrics); step measurements are logged at the step Lightning gives that batch;
+  the measurement before training goes to the loggers at step 0 and to its own ``history.csv`` row (epoch −1).
+  Non-finite weights give NaN values and a warning; a long measurement reports its progress (HVPs done, residual).
+
+Under DDP every rank holds its share of the sample and the HVP sums are all-reduced, so all ranks see the same
+operator and log the same values.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,15 +39,24 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.curvature import EigenResult, HessianOperator, hutchinson, lanczos, select_params, slq_density
+from flatlit.curvature.hvp import batch_size, evaluation_mode
 from flatlit.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
+X_KEYS = ("x", "input", "inputs", "image", "images")
+Y_KEYS = ("y", "target", "targets", "label", "labels")
+
+# the values are identical on every rank (the operator is all-reduced): Lightning's sync_dist advice does not apply
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('hessian/")
 
 
 @contextmanager
@@ -52,24 +78,54 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(state[3])
 
 
+def unpack_xy(batch: Any, owner: str) -> tuple[Any, Any]:
+    """``(x, y)`` of a tuple/list batch (its first two items) or a dict batch (the usual keys)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        xk = next((k for k in X_KEYS if k in batch), None)
+        yk = next((k for k in Y_KEYS if k in batch), None)
+        if xk is not None and yk is not None:
+            return batch[xk], batch[yk]
+        what = f"a dict with keys {sorted(map(str, batch))}"
+    else:
+        what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise ConfigError(
+        f"{owner}: cannot unpack a training batch that is {what} into (inputs, targets). Pass "
+        f"{owner}(batch_loss=...), a callable batch_loss(pl_module, batch) returning the batch-mean loss, or define "
+        "curvature_loss(self, batch) on the LightningModule (and transfer_batch_to_device if the batch needs "
+        "custom moving)."
+    )
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
+
+
 class CurvatureCallback(Callback):
-    """Shared scheduling, sampling and validation of the curvature callbacks.
+    """Shared scheduling, sampling, loss resolution, validation and logging of the curvature callbacks.
 
     Args:
         num_samples: size N of the fixed sample (over all ranks).
         batch_size: HVP mini-batch size (the HVP is the size-weighted mean over batches).
-        every_n_epochs: measure at the end of every n-th epoch (None disables).
+        every_n_epochs: measure at the end of every n-th epoch (None disables); ``"auto"``: 1, or None when
+            ``every_n_steps`` is set.
         every_n_steps: measure every n optimizer steps (None disables).
         at_train_start: also measure before the first step (the initialisation).
         resample: draw a new sample at every measurement (seed + measurement index); default: one fixed sample.
-        augment: apply the training augmentation to the sample (Jastrzębski et al.'s ``lanczos_aug``).
+        augment: apply the training augmentation to the sample (flatlit DataModules; Jastrzębski et al.'s
+            ``lanczos_aug``).
         include_l2: include the L2 penalty ½λ‖θ‖² with λ the optimizer's ``weight_decay``.
-        loss_fn: ``loss_fn(pl_module(x), y)``; default: the module's callable ``loss_fn`` (flatlit modules), else
-            cross-entropy.
+        loss_fn: ``loss_fn(pl_module(x), y)``; default: the module's callable ``loss_fn``, else cross-entropy.
+        batch_loss: ``batch_loss(pl_module, batch)`` returning the batch-mean loss of any batch (dicts, several
+            inputs); takes precedence over ``loss_fn`` and the module's ``curvature_loss(batch)``.
         exclude_bn, exclude_bias: leave BatchNorm parameters / biases out of the Hessian.
         bn_mode: ``eval`` (running statistics, default) or ``train`` (batch statistics, buffers restored).
         backend: ``double`` (double backward) or ``func`` (torch.func forward-over-reverse).
         seed: seed of the sample and of the random start vectors (identical on every rank).
+        progress_every: seconds between progress lines of a running measurement (None: silent).
     """
 
     prefix = "hessian"
@@ -79,24 +135,30 @@ class CurvatureCallback(Callback):
         self,
         num_samples: int = 2250,
         batch_size: int = 250,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | str | None = "auto",
         every_n_steps: int | None = None,
         at_train_start: bool = True,
         resample: bool = False,
         augment: bool = False,
         include_l2: bool = False,
         loss_fn: LossFn | None = None,
+        batch_loss: BatchLossFn | None = None,
         exclude_bn: bool = False,
         exclude_bias: bool = False,
         bn_mode: str = "eval",
         backend: str = "double",
         seed: int = 0,
+        progress_every: float | None = 10.0,
     ) -> None:
         name = type(self).__name__
         if num_samples < 1:
             raise ConfigError(f"{name}(num_samples): must be >= 1, got {num_samples}.")
         if batch_size < 1:
             raise ConfigError(f"{name}(batch_size): must be >= 1, got {batch_size}.")
+        if every_n_epochs == "auto":
+            every_n_epochs = None if every_n_steps is not None else 1
+        if isinstance(every_n_epochs, str):
+            raise ConfigError(f"{name}(every_n_epochs): an int >= 1, None or 'auto', got {every_n_epochs!r}.")
         for key, val in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if val is not None and val < 1:
                 raise ConfigError(f"{name}({key}): must be >= 1 or None, got {val}.")
@@ -107,17 +169,17 @@ class CurvatureCallback(Callback):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.every_n_epochs, self.every_n_steps, self.at_train_start = every_n_epochs, every_n_steps, at_train_start
         self.resample, self.augment, self.include_l2 = resample, augment, include_l2
-        self.loss_fn = loss_fn or F.cross_entropy
-        self._user_loss_fn = loss_fn
+        self.loss_fn, self.batch_loss = loss_fn, batch_loss
         self.exclude_bn, self.exclude_bias, self.bn_mode, self.backend = exclude_bn, exclude_bias, bn_mode, backend
-        self.seed = seed
+        self.seed, self.progress_every = seed, progress_every
         self.num_measurements = 0
-        self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._batches: list[Any] | None = None
         self._last_step = -1
+        self._last_metrics: dict[str, float] | None = None
         self._log_dir: str | None = None
 
     # ---- sample ------------------------------------------------------------------------------------------------
-    def _draw(self, trainer: pl.Trainer, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _draw(self, trainer: pl.Trainer, seed: int) -> list[Any]:
         rank, world = trainer.global_rank, trainer.world_size
         dm = trainer.datamodule
         if dm is not None and callable(getattr(dm, "curvature_batches", None)):
@@ -126,22 +188,34 @@ class CurvatureCallback(Callback):
             except ConfigError as err:
                 raise ConfigError(f"{type(self).__name__}({err})") from None
         loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
-        xs, ys, n = [], [], 0
-        for x, y in loader:
-            xs.append(x.cpu())
-            ys.append(y.cpu())
-            n += len(y)
+        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+            n = len(loader.dataset)
+            if self.num_samples > n:
+                raise ConfigError(
+                    f"{type(self).__name__}(num_samples): asked for {self.num_samples} samples but the training "
+                    f"dataset holds {n}."
+                )
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: self.num_samples].sort().values
+            subset = Subset(loader.dataset, idx[rank::world].tolist())
+            sample = DataLoader(subset, batch_size=self.batch_size, shuffle=False, collate_fn=loader.collate_fn)
+            return list(sample)
+        # an iterable dataset or a custom loader: its first examples, read through a fresh loader where possible
+        if isinstance(loader, DataLoader):
+            loader = DataLoader(loader.dataset, batch_size=self.batch_size, collate_fn=loader.collate_fn)
+        batches, n = [], 0
+        for batch in loader:
+            batches.append(batch)
+            n += batch_size(batch)
             if n >= self.num_samples:
                 break
         if n < self.num_samples:
             raise ConfigError(
-                f"{type(self).__name__}(num_samples): asked for {self.num_samples} samples but the "
-                f"training data holds {n}."
+                f"{type(self).__name__}(num_samples): asked for {self.num_samples} samples but the training data "
+                f"holds {n}."
             )
-        x, y = torch.cat(xs)[: self.num_samples][rank::world], torch.cat(ys)[: self.num_samples][rank::world]
-        return [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, len(y), self.batch_size)]
+        return batches[rank::world]
 
-    def batches(self, trainer: pl.Trainer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, trainer: pl.Trainer) -> list[Any]:
         if self._batches is None or self.resample:
             seed = self.seed + (self.num_measurements if self.resample else 0)
             with preserved_rng():
@@ -152,25 +226,51 @@ class CurvatureCallback(Callback):
         return select_params(pl_module, self.exclude_bn, self.exclude_bias)
 
     @staticmethod
-    def _to_module(x: torch.Tensor, pl_module: pl.LightningModule) -> torch.Tensor:
-        """Move inputs to the module's device, and floating inputs to its parameter dtype (e.g. float64)."""
+    def move(batch: Any, pl_module: pl.LightningModule) -> Any:
+        """The module's ``transfer_batch_to_device``, then floating tensors in the parameters' dtype."""
         p = next(pl_module.parameters())
-        return x.to(device=p.device, dtype=p.dtype) if x.is_floating_point() else x.to(p.device)
+        batch = pl_module.transfer_batch_to_device(batch, p.device, 0)
+        return apply_to_collection(batch, torch.Tensor, lambda t: t.to(dtype=p.dtype) if t.is_floating_point() else t)
+
+    # ---- loss --------------------------------------------------------------------------------------------------
+    def _pair_loss_fn(self, pl_module: pl.LightningModule) -> tuple[LossFn, str]:
+        if self.loss_fn is not None:
+            return self.loss_fn, f"{type(self).__name__}(loss_fn)"
+        if callable(getattr(pl_module, "loss_fn", None)):
+            return pl_module.loss_fn, f"{type(pl_module).__name__}.loss_fn"
+        return F.cross_entropy, f"{type(self).__name__}(loss_fn)"
+
+    def module_batch_loss(self, pl_module: pl.LightningModule) -> Callable[[Any], torch.Tensor]:
+        """The batch-mean loss of a (moved) batch, as the module trains on it (see the module docstring)."""
+        if self.batch_loss is not None:
+            fn = self.batch_loss
+            return lambda batch: fn(pl_module, batch)
+        hook = getattr(pl_module, "curvature_loss", None)
+        if callable(hook):
+            return hook
+        loss_fn, _ = self._pair_loss_fn(pl_module)
+        owner = type(self).__name__
+
+        def pair_loss(batch: Any) -> torch.Tensor:
+            x, y = unpack_xy(batch, owner)
+            return loss_fn(pl_module(x), y)
+
+        return pair_loss
 
     def operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianOperator:
-        device = next(pl_module.parameters()).device
-        batches = [(self._to_module(x, pl_module), y.to(device)) for x, y in self.batches(trainer)]
+        batches = [self.move(b, pl_module) for b in self.batches(trainer)]
         wd = 0.0
         if self.include_l2 and trainer.optimizers:
             wd = float(trainer.optimizers[0].param_groups[0].get("weight_decay", 0.0))
-        loss_fn = self.module_loss_fn(pl_module)
-        return HessianOperator(pl_module, batches, loss_fn, self.params(pl_module), wd, self.bn_mode, self.backend)
-
-    def module_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
-        """The ``loss_fn`` given to the callback, else the module's callable ``loss_fn``, else cross-entropy."""
-        if self._user_loss_fn is None and callable(getattr(pl_module, "loss_fn", None)):
-            return pl_module.loss_fn
-        return self.loss_fn
+        return HessianOperator(
+            pl_module,
+            batches,
+            params=self.params(pl_module),
+            weight_decay=wd,
+            bn_mode=self.bn_mode,
+            backend=self.backend,
+            batch_loss=self.module_batch_loss(pl_module),
+        )
 
     # ---- validation at setup -----------------------------------------------------------------------------------
     @override
@@ -178,24 +278,48 @@ class CurvatureCallback(Callback):
         if stage != "fit":
             return
         self.check_sizes(pl_module)
-        x, y = self.batches(trainer)[0]
-        device = next(pl_module.parameters()).device
-        try:
-            with torch.no_grad(), preserved_rng():
-                was = pl_module.training
-                pl_module.eval()
-                loss = self.module_loss_fn(pl_module)(pl_module(self._to_module(x[:2], pl_module)), y[:2].to(device))
-                pl_module.train(was)
-        except Exception as err:
-            raise ConfigError(
-                f"{type(self).__name__}(loss_fn): cannot be applied to the module's outputs "
-                f"({type(err).__name__}: {err})."
-            ) from None
+        batch = self.move(self.batches(trainer)[0], pl_module)
+        with torch.no_grad(), preserved_rng(), evaluation_mode(pl_module):  # every module's flag and BN buffer kept
+            loss = self._probe(pl_module, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ConfigError(
-                f"{type(self).__name__}(loss_fn): must return a scalar tensor, got "
+                f"{type(self).__name__}: the loss must be a scalar tensor (the batch mean), got "
                 f"{getattr(loss, 'shape', type(loss))}."
             )
+
+    def _probe(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """The loss of one batch; a clear error naming the loss in use and the shapes when it cannot apply."""
+        name = type(self).__name__
+        if self.batch_loss is not None or callable(getattr(pl_module, "curvature_loss", None)):
+            owner = (
+                f"{name}(batch_loss)" if self.batch_loss is not None else f"{type(pl_module).__name__}.curvature_loss"
+            )
+            try:
+                return self.module_batch_loss(pl_module)(batch)
+            except Exception as err:
+                raise ConfigError(f"{owner}: failed on a training batch ({type(err).__name__}: {err}).") from None
+        x, y = unpack_xy(batch, name)
+        loss_fn, owner = self._pair_loss_fn(pl_module)
+        try:
+            out = pl_module(x)
+        except Exception as err:
+            raise ConfigError(
+                f"{name}: the module's forward failed on the batch's inputs {_shape(x)} ({type(err).__name__}: "
+                f"{err}). If forward takes the whole batch, pass {name}(batch_loss=...) or define "
+                "curvature_loss(self, batch) on the LightningModule."
+            ) from None
+        shapes = f"outputs {_shape(out)}, targets {_shape(y)}"
+        default = self.loss_fn is None and not callable(getattr(pl_module, "loss_fn", None))
+        if default and not _cross_entropy_fits(out, y):
+            raise ConfigError(
+                f"{owner}: cross-entropy (the default) cannot apply to {shapes}; pass loss_fn (e.g. "
+                "torch.nn.functional.mse_loss), give the module a loss_fn(outputs, targets), or define "
+                "curvature_loss(self, batch)."
+            )
+        try:
+            return loss_fn(out, y)
+        except Exception as err:
+            raise ConfigError(f"{owner}: cannot be applied to {shapes} ({type(err).__name__}: {err}).") from None
 
     def check_sizes(self, pl_module: pl.LightningModule) -> None:
         """Subclass hook for argument checks that need the module."""
@@ -218,21 +342,33 @@ class CurvatureCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_run(trainer, "start"):
-            self._measure(trainer, pl_module)
+            metrics = self._measure(trainer, pl_module)
+            self._log_direct(trainer, metrics, step=0)
+            for cb in trainer.callbacks:
+                if isinstance(cb, HistoryCSV):
+                    cb.add_row(trainer, {"epoch": -1, "step": 0, **metrics})
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.should_run(trainer, "step"):
-            self._measure(trainer, pl_module)
+            metrics = self._measure(trainer, pl_module)
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)  # callback_metrics, monitors
+            if not trainer._logger_connector.should_update_logs:  # Lightning will not send this step's logs
+                self._log_direct(trainer, metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.should_run(trainer, "epoch"):
-            self._measure(trainer, pl_module)
+        if not self.should_run(trainer, "epoch"):
+            return
+        if trainer.global_step == self._last_step and self._last_metrics is not None:
+            metrics = self._last_metrics  # measured at this very step already: log it, do not measure twice
+        else:
+            metrics = self._measure(trainer, pl_module)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         self._last_step = trainer.global_step
         # a collective under DDP: every rank must ask, never inside rank-zero code; files only go to a logger's run
         # directory (without a logger, log_dir would be the working directory)
@@ -241,6 +377,7 @@ class CurvatureCallback(Callback):
             start = time.perf_counter()
             op = self.operator(trainer, pl_module)
             finite = all(bool(torch.isfinite(p).all()) for p in op.params)
+            op.matvec = self._with_progress(op.matvec, trainer, start)  # type: ignore[method-assign]
             metrics = self.compute(trainer, pl_module, op)  # the solvers return NaN for a non-finite operator
             if not all(np.isfinite(v) for v in metrics.values()):
                 rank_zero_warn(
@@ -250,19 +387,44 @@ class CurvatureCallback(Callback):
             metrics[f"{self.prefix}/{self.cost_name}seconds"] = time.perf_counter() - start
             metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         self.num_measurements += 1
-        self._log(trainer, metrics)
+        self._last_metrics = metrics
+        return metrics
+
+    def _with_progress(self, matvec: Callable, trainer: pl.Trainer, start: float) -> Callable:
+        """``matvec`` that prints a rank-zero line every ``progress_every`` seconds (HVPs done, last residual)."""
+        if self.progress_every is None:
+            return matvec
+        state = {"count": 0, "next": start + self.progress_every}
+
+        def counted(v: torch.Tensor) -> torch.Tensor:
+            out = matvec(v)
+            state["count"] += 1
+            now = time.perf_counter()
+            if now >= state["next"]:
+                state["next"] = now + self.progress_every
+                residual = f", residual {self.progress_residual:.2e}" if self.progress_residual is not None else ""
+                rank_zero_info(
+                    f"{type(self).__name__} at step {trainer.global_step}: {state['count']} HVPs{residual}, "
+                    f"{now - start:.0f} s"
+                )
+            return out
+
+        self.progress_residual = None
+        return counted
+
+    progress_residual: float | None = None
+
+    def _note_residual(self, iteration: int, residual: float) -> None:
+        self.progress_residual = residual
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, op: HessianOperator) -> dict[str, float]:
         raise NotImplementedError
 
     # ---- output ------------------------------------------------------------------------------------------------
     @rank_zero_only
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    def _log_direct(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        for cb in trainer.callbacks:
-            if isinstance(cb, HistoryCSV):
-                cb.extra_row(trainer, metrics)
+            logger.log_metrics(metrics, step=step)
 
     def save_path(self, trainer: pl.Trainer, name: str) -> str | None:
         """A file in the run directory (read by :meth:`_measure` on every rank: ``trainer.log_dir`` broadcasts)."""
@@ -273,11 +435,22 @@ class CurvatureCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"num_measurements": self.num_measurements}
+        return {"num_measurements": self.num_measurements, "last_step": self._last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_measurements = state_dict.get("num_measurements", 0)
+        self._last_step = state_dict.get("last_step", -1)
+
+
+def _cross_entropy_fits(out: Any, y: Any) -> bool:
+    """Whether ``F.cross_entropy(out, y)`` is meaningful: class logits (N, C≥2, …) and class indices (N, …) or
+    class probabilities of the same shape."""
+    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.ndim < 2 or out.shape[1] < 2:
+        return False
+    if y.is_floating_point():
+        return y.shape == out.shape
+    return y.ndim == out.ndim - 1 and y.shape[0] == out.shape[0]
 
 
 class HessianEigenvalues(CurvatureCallback):
@@ -352,7 +525,13 @@ class HessianEigenvalues(CurvatureCallback):
             op.dtype,
             op.device,
             return_eigenvectors=True,
+            on_check=self._note_residual,
         )
+        if bool((res.eigenvalues == 0).all()):
+            rank_zero_warn(
+                f"HessianEigenvalues: the Hessian is identically zero at step {trainer.global_step}: the loss does not "
+                "depend on these parameters (e.g. cross-entropy of a single output). Check loss_fn / batch_loss."
+            )
         self.last_result, self.last_step = res, trainer.global_step
         self.history["step"].append(trainer.global_step)
         self.history["epoch"].append(trainer.current_epoch)
@@ -408,6 +587,11 @@ class HessianTrace(CurvatureCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, op: HessianOperator) -> dict[str, float]:
         res = hutchinson(op.matvec, op.numel, self.num_probes, self.seed + self.num_measurements, op.dtype, op.device)
+        if res.estimate == 0 and res.std_error == 0:
+            rank_zero_warn(
+                f"HessianTrace: the Hessian is identically zero at step {trainer.global_step}: the loss does not "
+                "depend on these parameters. Check loss_fn / batch_loss."
+            )
         return {f"{self.prefix}/trace": res.estimate, f"{self.prefix}/trace_se": res.std_error}
 
 

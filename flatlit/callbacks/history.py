@@ -1,5 +1,6 @@
 """Per-epoch CSV history (``history.csv`` in the run directory), like Keras' CSVLogger in the sharpest-directions
-code. One row per training epoch with every epoch-level scalar Lightning holds (``trainer.callback_metrics``)."""
+code. One row per training epoch with every scalar Lightning holds at its end (``trainer.callback_metrics``), plus
+rows that callbacks add (the curvature measured before training: epoch −1). The file is replaced atomically."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ class HistoryCSV(Callback):
     Args:
         filename: file name inside ``trainer.log_dir``.
 
-    Columns are the union of all keys seen so far; a resumed run appends to the same file (rows after the
-    restored epoch are dropped so the history has no duplicates).
+    Columns are the union of all keys seen so far. Lightning's ``name_step``/``name_epoch`` forks of a metric
+    logged both per step and per epoch appear once, as ``name`` (the epoch value); other names, such as
+    ``train/passes_per_step``, are kept as they are. The file is written to a temporary file and renamed, so a reader
+    never sees a partial file. A resumed run continues the rows saved in its checkpoint.
 
     Example::
 
@@ -31,7 +34,6 @@ class HistoryCSV(Callback):
         self.filename = filename
         self.rows: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
-        self._extra: dict[int, dict[str, Any]] = {}
         self._trainer: pl.Trainer | None = None
 
     @property
@@ -42,9 +44,10 @@ class HistoryCSV(Callback):
         log_dir = trainer.log_dir  # broadcasts under DDP: called on every rank
         return None if log_dir is None else os.path.join(log_dir, self.filename)
 
-    def extra_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
-        """Merge values (e.g. from a measurement callback) into the current epoch's row."""
-        self._extra.setdefault(trainer.current_epoch, {}).update(row)
+    def add_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
+        """Append a row now (e.g. a measurement before training, with ``epoch`` −1) and rewrite the file."""
+        self.rows.append(dict(row))
+        self._write(self.path(trainer))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -61,11 +64,15 @@ class HistoryCSV(Callback):
             return
         row = self._pending
         self._pending = None
-        for key, value in sorted(trainer.callback_metrics.items()):
-            if key.endswith("_step"):
-                continue
-            row[key.removesuffix("_epoch")] = float(value)
-        row.update(self._extra.pop(row["epoch"], {}))
+        metrics = trainer.callback_metrics
+        # Lightning's forks of a metric logged per step and per epoch: kept once, as the base name (epoch value)
+        forks = {k for k in metrics if k.endswith("_step") and f"{k[:-5]}_epoch" in metrics}
+        forks |= {f"{k[:-5]}_epoch" for k in forks}
+        for key, value in sorted(metrics.items()):
+            if key not in forks:
+                row[key] = float(value)
+            elif key.endswith("_epoch") and key[:-6] not in metrics:
+                row[key[:-6]] = float(value)
         self.rows.append(row)
         self._write(self.path(trainer))
 
@@ -85,10 +92,12 @@ class HistoryCSV(Callback):
         fields: list[str] = []
         for r in self.rows:
             fields += [k for k in r if k not in fields]
-        with open(path, "w", newline="") as f:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.rows)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Hessian-vector products of a mean loss over a fixed list of batches.
 
 H = ∇²_θ [ Σ_b n_b L_b(θ) / Σ_b n_b ] (+ λ I when the L2 penalty ½λ‖θ‖² is included), where L_b is the mean loss
-of batch b. Two backends, checked against each other in the tests:
+of batch b. A batch is an ``(x, y)`` pair with ``loss_fn(model(x), y)`` by default, or anything (dicts, tuples of
+several tensors) with a ``batch_loss(batch)`` closure that evaluates ``model`` and returns the mean loss; n_b is
+the leading size of the batch's first tensor. Two backends, checked against each other in the tests:
 
 - ``double``: double backward, Hv = ∇_θ ⟨∇_θ L, v⟩ (Pearlmutter 1994);
 - ``func``: forward-over-reverse with ``torch.func.jvp(torch.func.grad(L), θ, v)``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from flatlit.nn_utils import frozen_bn_stats, is_bn_param
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # an (x, y) pair, or any collection a ``batch_loss`` closure understands
+BatchLoss = Callable[[Any], torch.Tensor]
 
 
 class NonDeterministicOperatorError(RuntimeError):
@@ -50,6 +54,29 @@ def evaluation_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
             m.training = flag
 
 
+def batch_size(batch: Any) -> int:
+    """Examples in ``batch``: the leading size of its first tensor (depth-first over tuples, lists and dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        n = batch_size(value)
+        if n:
+            return n
+    return 0
+
+
+class _Closure(nn.Module):
+    """Holds ``model`` as a submodule so ``torch.func.functional_call`` swaps its parameters around ``fn(batch)``."""
+
+    def __init__(self, model: nn.Module, fn: BatchLoss) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.fn(batch)
+
+
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -67,8 +94,9 @@ class HessianOperator:
 
     Args:
         model: the network (the unwrapped module, not a DDP wrapper).
-        batches: the fixed (x, y) batches of this process.
+        batches: the fixed batches of this process: (x, y) pairs, or what ``batch_loss`` takes.
         loss_fn: ``loss_fn(model(x), y)`` returning the batch-mean loss (default cross-entropy).
+        batch_loss: ``batch_loss(batch)``: the batch-mean loss of ``model`` on any batch (overrides ``loss_fn``).
         params: parameters to differentiate (default: all that require grad); see :func:`select_params`.
         weight_decay: λ of an included L2 penalty ½λ‖θ‖² (adds λv).
         bn_mode: ``eval`` (running statistics) or ``train`` (batch statistics, buffers restored).
@@ -86,6 +114,7 @@ class HessianOperator:
         bn_mode: str = "eval",
         backend: str = "double",
         distributed: bool | None = None,
+        batch_loss: BatchLoss | None = None,
     ) -> None:
         if backend not in ("double", "func"):
             raise ValueError(f"backend must be 'double' or 'func', got {backend!r}")
@@ -93,6 +122,7 @@ class HessianOperator:
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
         self.model, self.batches = model, list(batches)
         self.loss_fn = loss_fn or F.cross_entropy
+        self.batch_loss: BatchLoss = batch_loss or self._pair_loss
         self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.weight_decay, self.bn_mode, self.backend = weight_decay, bn_mode, backend
         self.distributed = (dist.is_available() and dist.is_initialized()) if distributed is None else distributed
@@ -105,22 +135,27 @@ class HessianOperator:
     def shape(self) -> tuple[int, int]:
         return (self.numel, self.numel)
 
-    def _batch_hvp_double(self, x: torch.Tensor, y: torch.Tensor, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        loss = self.loss_fn(self.model(x), y)
+    def _pair_loss(self, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return self.loss_fn(self.model(x), y)
+
+    def _batch_hvp_double(self, batch: Batch, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        loss = self.batch_loss(batch)
         grads = torch.autograd.grad(loss, self.params, create_graph=True)
         dot = sum((g * v).sum() for g, v in zip(grads, vs))
         return list(torch.autograd.grad(dot, self.params, allow_unused=True))
 
-    def _batch_hvp_func(self, x: torch.Tensor, y: torch.Tensor, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _batch_hvp_func(self, batch: Batch, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         from torch.func import functional_call, grad, jvp
 
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        closure = _Closure(self.model, self.batch_loss)
+        names = {id(p): n for n, p in closure.named_parameters()}
         keys = [names[id(p)] for p in self.params]
         primals = {k: p.detach() for k, p in zip(keys, self.params)}
         tangents = dict(zip(keys, vs))
 
         def loss_of(ps: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss_fn(functional_call(self.model, ps, (x,), strict=False), y)
+            return functional_call(closure, ps, (batch,), strict=False)
 
         _, hv = jvp(grad(loss_of), (primals,), (tangents,))
         return [hv[k] for k in keys]
@@ -132,10 +167,10 @@ class HessianOperator:
         weight = torch.zeros((), dtype=self.dtype, device=self.device)
         hvp = self._batch_hvp_double if self.backend == "double" else self._batch_hvp_func
         with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model, self.bn_mode):
-            for x, y in self.batches:
-                hv = hvp(x, y, vs)
+            for batch in self.batches:
+                hv = hvp(batch, vs)
                 hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params)]
-                n = float(len(y))
+                n = float(batch_size(batch))
                 total.add_(flatten(hv).detach(), alpha=n)
                 weight += n
         if self.distributed:
@@ -179,7 +214,9 @@ def select_params(model: nn.Module, exclude_bn: bool = False, exclude_bias: bool
     ]
 
 
-def gradient_time_reference(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn | None = None) -> None:
+def gradient_time_reference(
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn | None = None
+) -> None:
     """One plain gradient over the same batches (the cost unit used by the benchmarks)."""
     loss_fn = loss_fn or F.cross_entropy
     params = [p for p in model.parameters() if p.requires_grad]

@@ -52,6 +52,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     return_eigenvectors: bool = True,
     check_every: int = 1,
+    on_check: Callable[[int, float], None] | None = None,
 ) -> EigenResult:
     """The k largest (``which="LA"``) or smallest (``"SA"``) eigenpairs of a symmetric operator.
 
@@ -66,6 +67,7 @@ def lanczos(
         dtype, device: of the Krylov basis (the tridiagonal matrix is always float64).
         return_eigenvectors: also return the Ritz vectors.
         check_every: test convergence every this many iterations (once the basis holds k vectors).
+        on_check: called with (iterations, largest wanted relative residual) at every convergence test (progress).
     """
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
@@ -98,6 +100,8 @@ def lanczos(
             theta, S = torch.linalg.eigh(T)
             idx = _select(theta, k, which)
             res = (beta[j] * S[m - 1, idx].abs()) / theta[idx].abs().clamp_min(1e-30)
+            if on_check is not None:
+                on_check(m, float(res.max()))
             if bool((res <= tol).all()) or breakdown:
                 break
         if breakdown:

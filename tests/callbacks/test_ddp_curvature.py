@@ -29,3 +29,26 @@ def test_ddp_eigenvalues_equal_single_process(tmp_path, mnist_dir):
         torch.testing.assert_close(
             torch.tensor(res[r]["eigenvalues"], dtype=torch.float64), ref.eigenvalues, rtol=1e-6, atol=0
         )
+
+
+@pytest.mark.distributed
+def test_ddp_plain_project_unperturbed_and_exact(tmp_path):
+    from tests.callbacks.projects import Net
+    from tests.callbacks.test_any_project import exact_top
+
+    out = str(tmp_path / "proj")
+    run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_project_worker.py"), [out], port=29545)
+    res = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    for r in res:
+        for key, value in r["plain"]["state"].items():
+            assert torch.equal(value, r["observed"]["state"][key]), key
+        assert all(torch.equal(a, b) for a, b in zip(r["plain"]["momentum"], r["observed"]["momentum"]))
+        assert r["plain"]["flags"] == r["observed"]["flags"] and torch.equal(r["plain"]["rng"], r["observed"]["rng"])
+    torch.testing.assert_close(res[0]["eigenvalues"], res[1]["eigenvalues"], rtol=0, atol=0)
+    # the exact Hessian of the module's loss on the union of the two ranks' halves of the sample
+    module = Net(frozen_bn=True)
+    module.load_state_dict(res[0]["observed"]["state"])
+    batches = res[0]["batches"] + res[1]["batches"]
+    assert sum(len(y) for _, y in batches) == 40
+    expected = exact_top(module, batches, lambda fwd, b: torch.nn.functional.cross_entropy(fwd(b[0]), b[1]))
+    torch.testing.assert_close(res[0]["eigenvalues"], expected, rtol=1e-7, atol=1e-10)
