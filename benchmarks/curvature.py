@@ -86,11 +86,8 @@ def main() -> None:
         max_iter=300,
         backend=args.backend,
     )
-    measured: list[dict[str, float]] = []
-    log = cb._log
-    cb._log = lambda trainer, metrics: (measured.append(metrics), log(trainer, metrics))
     bench_trainer(max_steps=2, callbacks=[cb]).fit(module2, datamodule=dm)
-    seconds, hvps = measured[-1]["hessian/seconds"], measured[-1]["hessian/hvps"]
+    seconds, hvps = cb.last_metrics["hessian/seconds"], cb.last_metrics["hessian/hvps"]
     op2 = HessianOperator(module2, batches, backend=args.backend)
     w = torch.randn(op2.numel)
     t_hvp_full = median_time(lambda: op2.matvec(w), args.repeats)

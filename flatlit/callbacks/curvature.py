@@ -175,7 +175,7 @@ class CurvatureCallback(Callback):
         self.num_measurements = 0
         self._batches: list[Any] | None = None
         self._last_step = -1
-        self._last_metrics: dict[str, float] | None = None
+        self.last_metrics: dict[str, float] | None = None
         self._log_dir: str | None = None
 
     # ---- sample ------------------------------------------------------------------------------------------------
@@ -362,8 +362,8 @@ class CurvatureCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.should_run(trainer, "epoch"):
             return
-        if trainer.global_step == self._last_step and self._last_metrics is not None:
-            metrics = self._last_metrics  # measured at this very step already: log it, do not measure twice
+        if trainer.global_step == self._last_step and self.last_metrics is not None:
+            metrics = self.last_metrics  # measured at this very step already: log it, do not measure twice
         else:
             metrics = self._measure(trainer, pl_module)
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
@@ -387,7 +387,7 @@ class CurvatureCallback(Callback):
             metrics[f"{self.prefix}/{self.cost_name}seconds"] = time.perf_counter() - start
             metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         self.num_measurements += 1
-        self._last_metrics = metrics
+        self.last_metrics = metrics
         return metrics
 
     def _with_progress(self, matvec: Callable, trainer: pl.Trainer, start: float) -> Callable:
