@@ -1,0 +1,29 @@
+"""Sharpness and complexity measures as pure functions over (model, loss, batches); no Lightning here.
+
+Importing the package registers every measure; ``list_measures()`` names them and ``compute_measure(name, inputs,
+**settings)`` runs one. One file per family of measures.
+"""
+
+from flatlit.sharpness.base import (
+    Cost,
+    MeasureInputs,
+    MeasureResult,
+    compute_measure,
+    fold_batchnorm,
+    get_measure,
+    list_measures,
+    observed,
+    register_measure,
+)
+
+__all__ = [
+    "Cost",
+    "MeasureInputs",
+    "MeasureResult",
+    "compute_measure",
+    "fold_batchnorm",
+    "get_measure",
+    "list_measures",
+    "observed",
+    "register_measure",
+]
