@@ -16,6 +16,18 @@ from flatlit.sharpness.base import (
     register_measure,
 )
 
+# importing the families registers their measures
+from flatlit.sharpness import (  # noqa: F401, E402
+    average,
+    entropy,
+    hessian,
+    keskar,
+    minimum,
+    norms,
+    pac_bayes,
+    worst_case,
+)
+
 __all__ = [
     "Cost",
     "MeasureInputs",
