@@ -4,6 +4,17 @@ Importing the package registers every measure; ``list_measures()`` names them an
 **settings)`` runs one. One file per family of measures.
 """
 
+# importing the families registers their measures
+from flatlit.sharpness import (  # noqa: F401
+    average,
+    entropy,
+    hessian,
+    keskar,
+    minimum,
+    norms,
+    pac_bayes,
+    worst_case,
+)
 from flatlit.sharpness.base import (
     Cost,
     MeasureInputs,
@@ -14,18 +25,6 @@ from flatlit.sharpness.base import (
     list_measures,
     observed,
     register_measure,
-)
-
-# importing the families registers their measures
-from flatlit.sharpness import (  # noqa: F401, E402
-    average,
-    entropy,
-    hessian,
-    keskar,
-    minimum,
-    norms,
-    pac_bayes,
-    worst_case,
 )
 
 __all__ = [
