@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from flatlit.callbacks.history import HistoryCSV
+from flatlit.callbacks.measures import InitialWeights
 from flatlit.data.base import FlatlitDataModule
 from flatlit.errors import ConfigError, FlatlitError
 from flatlit.methods.base import ClassificationModule
@@ -123,6 +124,7 @@ class FlatlitCLI(LightningCLI):
     def before_fit(self) -> None:
         """Record the run's config in its checkpoints; a resumed run continues the checkpoint's run directory."""
         self.trainer.callbacks.append(_StoreRunConfig(yaml.safe_dump(self._run_config(), sort_keys=True)))
+        self.trainer.callbacks.append(InitialWeights())  # model_init.ckpt: distance from init, PAC-Bayes
         if getattr(self, "_resume_path", None) is not None:
             continue_run_directory(self.trainer.loggers, self._resume_path)
             # the run's own checkpoint folder is expected to hold checkpoints when it resumes
@@ -349,8 +351,16 @@ def run(args: list[str] | None = None) -> FlatlitCLI:
         raise SystemExit(2) from None
 
 
+SUBCOMMANDS = {"measure": "flatlit.measure"}  # beyond LightningCLI's fit/validate/test: one module each
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``flatlit fit --config exp.yaml``; ``args`` lets tests call ``main([...])``."""
+    """Console entry point: ``flatlit fit --config exp.yaml``, ``flatlit measure --ckpt_path ...``; ``args`` lets
+    tests call ``main([...])``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return
     run(args)
 
 

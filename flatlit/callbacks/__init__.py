@@ -2,5 +2,15 @@
 
 from flatlit.callbacks.curvature import CurvatureCallback, HessianEigenvalues, HessianSpectrum, HessianTrace
 from flatlit.callbacks.history import HistoryCSV
+from flatlit.callbacks.measures import ComplexityMeasures, InitialWeights, SharpnessMeasures
 
-__all__ = ["CurvatureCallback", "HessianEigenvalues", "HessianSpectrum", "HessianTrace", "HistoryCSV"]
+__all__ = [
+    "ComplexityMeasures",
+    "CurvatureCallback",
+    "HessianEigenvalues",
+    "HessianSpectrum",
+    "HessianTrace",
+    "HistoryCSV",
+    "InitialWeights",
+    "SharpnessMeasures",
+]

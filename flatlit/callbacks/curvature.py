@@ -56,7 +56,7 @@ X_KEYS = ("x", "input", "inputs", "image", "images")
 Y_KEYS = ("y", "target", "targets", "label", "labels")
 
 # the values are identical on every rank (the operator is all-reduced): Lightning's sync_dist advice does not apply
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('hessian/")
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(hessian|sharpness|complexity)/")
 
 
 @contextmanager
@@ -375,19 +375,25 @@ class CurvatureCallback(Callback):
         self._log_dir = trainer.log_dir if trainer.loggers else None
         with preserved_rng():
             start = time.perf_counter()
-            op = self.operator(trainer, pl_module)
-            finite = all(bool(torch.isfinite(p).all()) for p in op.params)
-            op.matvec = self._with_progress(op.matvec, trainer, start)  # type: ignore[method-assign]
-            metrics = self.compute(trainer, pl_module, op)  # the solvers return NaN for a non-finite operator
+            finite = all(bool(torch.isfinite(p).all()) for p in self.params(pl_module))
+            metrics = self.measure(trainer, pl_module, start)  # non-finite weights give NaN values, not a crash
             if not all(np.isfinite(v) for v in metrics.values()):
                 rank_zero_warn(
-                    f"{type(self).__name__}: non-finite {'weights' if not finite else 'curvature'} at step "
+                    f"{type(self).__name__}: non-finite {'weights' if not finite else 'values'} at step "
                     f"{trainer.global_step} (epoch {trainer.current_epoch}); logging NaN for this measurement."
                 )
             metrics[f"{self.prefix}/{self.cost_name}seconds"] = time.perf_counter() - start
-            metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         self.num_measurements += 1
         self.last_metrics = metrics
+        return metrics
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> dict[str, float]:
+        """One measurement: the Hessian operator on the sample, then :meth:`compute` (the solvers return NaN for a
+        non-finite operator)."""
+        op = self.operator(trainer, pl_module)
+        op.matvec = self._with_progress(op.matvec, trainer, start)  # type: ignore[method-assign]
+        metrics = self.compute(trainer, pl_module, op)
+        metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         return metrics
 
     def _with_progress(self, matvec: Callable, trainer: pl.Trainer, start: float) -> Callable:

@@ -45,8 +45,13 @@ class HistoryCSV(Callback):
         return None if log_dir is None else os.path.join(log_dir, self.filename)
 
     def add_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
-        """Append a row now (e.g. a measurement before training, with ``epoch`` −1) and rewrite the file."""
-        self.rows.append(dict(row))
+        """Add a row now (e.g. a measurement before training, with ``epoch`` −1) and rewrite the file; values for
+        the same (epoch, step) as an existing row are merged into it (several callbacks measuring at one point)."""
+        same = [r for r in self.rows if r.get("epoch") == row.get("epoch") and r.get("step") == row.get("step")]
+        if same:
+            same[-1].update(row)
+        else:
+            self.rows.append(dict(row))
         self._write(self.path(trainer))
 
     @override

@@ -1,0 +1,84 @@
+"""Cost of every sharpness/complexity measure on flatlit's lenet and 1,000 real Fashion-MNIST examples, in one run.
+
+For each registered measure: its wall time, and its overhead = wall time / (its counted passes × the measured time of
+one such pass), where a pass over the sample is a no-grad forward, a gradient (forward + backward) or an HVP, each
+timed here on the same model and sample (median of ``--repeats``). A ratio near 1 means the measure costs what its
+passes cost; measures that never touch the data (norms) have no ratio. Prints
+``{"overhead": {name: ratio}, "max_overhead": r, "seconds": {name: s}, "unit_seconds": {...}}`` with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit
+
+from flatlit.curvature import HessianOperator
+from flatlit.data import FashionMNISTDataModule
+from flatlit.data.mnist import DEBIAN_FASHION_MNIST
+from flatlit.methods import SGDFamily
+from flatlit.sharpness import MeasureInputs, compute_measure, list_measures
+from flatlit.sharpness.base import loss_and_grad, mean_loss
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--measures", nargs="*", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    data_dir = args.data_dir if os.path.isdir(args.data_dir) else DEBIAN_FASHION_MNIST
+    dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=10000)
+    dm.setup("fit")
+    module = SGDFamily(arch="lenet").eval()
+    batches = dm.curvature_batches(args.num_samples, args.batch_size, seed=0)
+    init = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():  # a point away from the initialisation
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    inputs = MeasureInputs(module, batches, module.loss_fn, init_state=init, num_train=len(dm.train_indices))
+    params = inputs.params
+    op = HessianOperator(module, batches, module.loss_fn, params)
+    v = torch.randn(op.numel)
+    unit = {
+        "forward": median_time(lambda: mean_loss(module, batches, module.loss_fn), args.repeats),
+        "gradient": median_time(lambda: loss_and_grad(module, params, batches, module.loss_fn), args.repeats),
+        "hvp": median_time(lambda: op.matvec(v), args.repeats),
+    }
+    seconds, overhead = {}, {}
+    for name in args.measures or list_measures():
+        t = time.perf_counter()
+        result = compute_measure(name, inputs)
+        seconds[name] = time.perf_counter() - t
+        c = result.cost
+        predicted = c.forwards * unit["forward"] + c.gradients * unit["gradient"] + c.hvps * unit["hvp"]
+        overhead[name] = seconds[name] / predicted if predicted > 0 else None
+    ratios = [r for r in overhead.values() if r is not None]
+    result = {"overhead": overhead, "max_overhead": max(ratios) if ratios else None, "seconds": seconds}
+    emit({**result, "unit_seconds": unit}, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""``flatlit measure`` on a checkpoint of ``flatlit fit``: measures.json with every measure finite, the cache, a
+killed call keeping its finished measures, and one-line errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+import flatlit.sharpness
+from flatlit.cli import main, run
+from flatlit.sharpness import list_measures
+from tests.sharpness.common import cheap
+from tests.test_cli import write_config
+
+
+@pytest.fixture
+def trained(tmp_path, mnist_dir):
+    cfg = write_config(
+        tmp_path,
+        mnist_dir,
+        model={"arch_kwargs": {"width": 8, "batch_norm": True}},
+        trainer={
+            "max_epochs": 1,
+            "limit_train_batches": 3,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+            ],
+        },
+    )
+    cli = run(["fit", "--config", cfg])
+    last = glob.glob(os.path.join(cli.trainer.log_dir, "checkpoints", "last.ckpt"))[0]
+    assert os.path.isfile(os.path.join(cli.trainer.log_dir, "model_init.ckpt"))
+    return last
+
+
+def measure(last, *extra, names=None):
+    names = names or list_measures()
+    settings = {n: cheap(n) for n in names if cheap(n)}
+    args = ["measure", "--ckpt_path", last, "--num_samples", "40", "--batch_size", "20", "--measures", *names]
+    return main([*args, "--settings", json.dumps(settings), *extra])
+
+
+def test_measure_writes_finite_results_and_caches(trained, monkeypatch, capsys):
+    measure(trained)
+    out = os.path.join(os.path.dirname(trained), "measures.json")
+    data = json.load(open(out))
+    values = {r["name"]: r["value"] for r in data["results"].values()}
+    assert set(values) == set(list_measures())
+    # a bound says nothing (+inf) while the margin is not positive: this model trained for 3 steps only
+    unbounded = {n for n in values if n.startswith("bound_")} if values["margin"] <= 0 else set()
+    assert all(math.isfinite(v) for n, v in values.items() if n not in unbounded), values
+    assert all(values[n] == math.inf for n in unbounded)
+    table = capsys.readouterr().out
+    assert "written:" in table and all(name in table for name in values)
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached measure")
+
+    monkeypatch.setattr(flatlit.sharpness, "compute_measure", fail)
+    measure(trained)  # everything from the cache
+    assert json.load(open(out))["results"] == data["results"]
+
+
+def test_a_killed_call_keeps_its_finished_measures(trained, monkeypatch):
+    names = list_measures()[:3]
+    real = flatlit.sharpness.compute_measure
+    calls = []
+
+    def dies_on_third(name, inputs, **settings):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(name, inputs, **settings)
+
+    monkeypatch.setattr(flatlit.sharpness, "compute_measure", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        measure(trained, names=names)
+    data = json.load(open(os.path.join(os.path.dirname(trained), "measures.json")))
+    assert sorted(r["name"] for r in data["results"].values()) == sorted(names[:2])
+    monkeypatch.setattr(flatlit.sharpness, "compute_measure", real)
+    calls.clear()
+    measure(trained, names=names)
+    data = json.load(open(os.path.join(os.path.dirname(trained), "measures.json")))
+    assert sorted(r["name"] for r in data["results"].values()) == sorted(names)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("flatlit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_input_is_one_line(trained, tmp_path, capsys):
+    cases = [
+        (["--measures", "worst_case_l3"], "--measures: unknown measure 'worst_case_l3'"),
+        (["--num_samples", "100000"], "--num_samples: asked for 100000"),
+        (["--settings", "{no_such: {x: 1}}"], "--measures: unknown measure 'no_such'"),
+    ]
+    if "worst_case_l2" in list_measures():
+        rho = ["--measures", "worst_case_l2", "--settings", "{worst_case_l2: {rho: -1}}", "--num_samples", "40"]
+        cases.append((rho, "--settings.worst_case_l2: rho"))
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["measure", "--ckpt_path", trained, *extra])
+        assert exc.value.code == 2
+        assert message in error_line(capsys)
+    other = tmp_path / "other.yaml"
+    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(trained)), "config.yaml")))
+    cfg["model"]["init_args"]["arch_kwargs"] = {"width": 12}
+    other.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit):
+        main(["measure", "--ckpt_path", trained, "--config", str(other), "--measures", "param_norm"])
+    assert "does not match the model" in error_line(capsys)
