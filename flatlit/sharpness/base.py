@@ -16,6 +16,7 @@ these counts times the measured cost of one such pass.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 import random
@@ -132,7 +133,7 @@ def register_measure(name: str, kind: str = "sharpness", **defaults: Any) -> Cal
     def wrap(fn: Callable[..., MeasureResult]) -> Callable[..., MeasureResult]:
         if name in _MEASURES:
             raise ValueError(f"measure {name!r} is already registered")
-        _MEASURES[name] = MeasureSpec(name, fn, kind, {"bn": "eval", **defaults}, (fn.__doc__ or "").strip())
+        _MEASURES[name] = MeasureSpec(name, fn, kind, {"bn": "eval", **defaults}, inspect.cleandoc(fn.__doc__ or ""))
         return fn
 
     return wrap
