@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -190,7 +192,17 @@ def _build(config_path: str, device: torch.device):
         "seed_everything": cfg.get("seed_everything", 0),
         "trainer": {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False},
     }
-    cli = FlatlitCLI(args=args, run=False)
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # the Trainer built here is not used: its startup lines would only be noise
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = FlatlitCLI(args=args, run=False)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     return cli.model.to(device), cli.datamodule
 
 
@@ -251,8 +263,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
     skipped: dict[str, str] = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(measures.items(), desc="measures", unit="measure", file=sys.stderr, disable=None)
-    for name, settings in bar:
+    tty = sys.stderr.isatty()  # a bar on a terminal, a line per measure in a log file
+    bar = tqdm(measures.items(), desc="measures", unit="measure", file=sys.stderr, disable=not tty)
+    for i, (name, settings) in enumerate(bar):
         key = json.dumps({"measure": name, "settings": settings, "sample": sample}, sort_keys=True, default=str)
         if key in cache["results"]:
             done[name] = cache["results"][key]
@@ -267,6 +280,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
                 continue
             raise ConfigError(f"--settings.{name}: {err}") from None
         entry = {**result.as_dict(), "seconds": time.perf_counter() - start, "sample": sample}
+        if not tty:
+            sys.stderr.write(
+                f"measure {i + 1}/{len(measures)}: {name} = {result.value:.5g} ({entry['seconds']:.1f} s)\n"
+            )
         cache["results"][key] = done[name] = entry
         _write_json(output, cache)
     bar.close()
