@@ -46,6 +46,7 @@ RESUME_SAFE_KEYS = (
     "data.init_args.download",
     "data.init_args.num_workers",
     "data.init_args.eval_batch_size",
+    "model.init_args.stop_on_nonfinite",  # continuing past a divergence stop is the documented way out
 )
 _LINKED = tuple(f"model.init_args.{k}" for k in ("num_classes", "in_channels", "image_size"))  # follow the data
 _CKPT_ALIASES = ("last", "best", "hpc", "registry")  # ckpt_path values that Lightning resolves itself

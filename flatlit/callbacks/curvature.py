@@ -354,9 +354,12 @@ class CurvatureCallback(Callback):
     ) -> None:
         if self.should_run(trainer, "step"):
             metrics = self._measure(trainer, pl_module)
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)  # callback_metrics, monitors
-            if not trainer._logger_connector.should_update_logs:  # Lightning will not send this step's logs
-                self._log_direct(trainer, metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            # to the loggers once, at the step Lightning gives this batch's metrics, and into callback_metrics for
+            # monitors (``pl_module.log(on_step=True)`` would re-send the stale value at every later logging step)
+            self._log_direct(trainer, metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            trainer._logger_connector._callback_metrics.update(
+                {k: torch.tensor(v, dtype=torch.float32) for k, v in metrics.items()}
+            )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -454,8 +457,8 @@ def _cross_entropy_fits(out: Any, y: Any) -> bool:
     class probabilities of the same shape."""
     if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.ndim < 2 or out.shape[1] < 2:
         return False
-    if y.is_floating_point():
-        return y.shape == out.shape
+    if y.is_floating_point():  # class probabilities: non-negative, summing to 1 over the class dimension
+        return y.shape == out.shape and bool((y >= 0).all()) and bool(torch.allclose(y.sum(1), torch.ones(())))
     return y.ndim == out.ndim - 1 and y.shape[0] == out.shape[0]
 
 
@@ -467,7 +470,8 @@ class HessianEigenvalues(CurvatureCallback):
     reorthogonalisation stops when the top-k Ritz pairs have relative residual ≤ ``tol``.
 
     Args:
-        top_k: number of eigenvalues (logged as ``hessian/lambda_1..k``, descending).
+        top_k: number of eigenvalues (logged as ``hessian/lambda_1..k``, descending; with ``which="SA"``,
+            ``hessian/lambda_min_1..k``, ascending).
         max_iter: maximum Lanczos iterations (HVPs) per measurement.
         tol: relative Ritz residual for convergence (``hessian/residual_i`` are logged, and ``hessian/converged``).
         which: ``LA`` (largest, default) or ``SA`` (smallest: λ_min).
@@ -544,9 +548,10 @@ class HessianEigenvalues(CurvatureCallback):
         self.history["eigenvalues"].append(res.eigenvalues.tolist())
         self.history["residuals"].append(res.residuals.tolist())
         self._save(trainer, res)
-        metrics = {f"{self.prefix}/lambda_{i + 1}": float(v) for i, v in enumerate(res.eigenvalues)}
-        metrics.update({f"{self.prefix}/residual_{i + 1}": float(r) for i, r in enumerate(res.residuals)})
-        metrics[f"{self.prefix}/converged"] = float(res.converged)
+        tag = "" if self.which == "LA" else "min_"  # two instances (λ_max and λ_min) must not share names
+        metrics = {f"{self.prefix}/lambda_{tag}{i + 1}": float(v) for i, v in enumerate(res.eigenvalues)}
+        metrics.update({f"{self.prefix}/residual_{tag}{i + 1}": float(r) for i, r in enumerate(res.residuals)})
+        metrics[f"{self.prefix}/converged{'' if self.which == 'LA' else '_min'}"] = float(res.converged)
         return metrics
 
     @rank_zero_only

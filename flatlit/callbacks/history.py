@@ -34,6 +34,7 @@ class HistoryCSV(Callback):
         self.filename = filename
         self.rows: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
+        self._restored = False
         self._trainer: pl.Trainer | None = None
 
     @property
@@ -41,6 +42,9 @@ class HistoryCSV(Callback):
         return self._generate_state_key(filename=self.filename)
 
     def path(self, trainer: pl.Trainer) -> str | None:
+        """``<log_dir>/<filename>``, or None without a logger (log_dir would be the working directory)."""
+        if not trainer.loggers:
+            return None
         log_dir = trainer.log_dir  # broadcasts under DDP: called on every rank
         return None if log_dir is None else os.path.join(log_dir, self.filename)
 
@@ -57,6 +61,35 @@ class HistoryCSV(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored:
+            self._restored = False
+            self._recover_rows(trainer)
+
+    def _recover_rows(self, trainer: pl.Trainer) -> None:
+        """Keep the on-disk rows of finished epochs that the checkpoint lacks.
+
+        A checkpoint written right after an epoch's last batch precedes that epoch's row, and Lightning does not
+        rerun the epoch's end when it resumes from it; the interrupted run may have written the row already.
+        """
+        path = self.path(trainer)
+        if path is None or not os.path.isfile(path):
+            return
+        known = {r.get("epoch") for r in self.rows}
+        with open(path, newline="") as f:
+            for raw in csv.DictReader(f):
+                try:
+                    epoch, step = int(raw["epoch"]), int(raw["step"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if epoch in known or epoch >= trainer.current_epoch:
+                    continue
+                row: dict[str, Any] = {"epoch": epoch, "step": step}
+                row.update({k: float(v) for k, v in raw.items() if k not in row and v not in ("", None)})
+                self.rows.append(row)
+        self.rows.sort(key=lambda r: (r.get("epoch", 0), r.get("step", 0)))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -113,3 +146,4 @@ class HistoryCSV(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
+        self._restored = True

@@ -39,7 +39,8 @@ class InitialWeights(Callback):
         if trainer.global_step != 0 or not trainer.loggers:
             return
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
-        self._save(os.path.join(log_dir, INIT_FILE), pl_module)
+        if log_dir is not None:
+            self._save(os.path.join(log_dir, INIT_FILE), pl_module)
 
     @staticmethod
     @rank_zero_only

@@ -430,6 +430,9 @@ class FolderDataModule(FlatlitDataModule):
                 ds,
                 batch_size=self.batch_size,
                 sampler=sampler,
+                # the workers' base seed comes from this generator, not the global RNG (dropout's stream): with
+                # per-example seeds the base seed does not matter, and a resumed run's RNG stays in step
+                generator=torch.Generator().manual_seed(self.seed),
                 num_workers=self.num_workers,
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.num_workers > 0,
@@ -437,6 +440,7 @@ class FolderDataModule(FlatlitDataModule):
         return DataLoader(
             ds,
             batch_size=self.eval_batch_size,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds: never from the global RNG
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

@@ -265,7 +265,7 @@ class ClassificationModule(pl.LightningModule):
         if folder is None:
             folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
         path = os.path.join(folder, f"last-finite-step{self.global_step}.ckpt")
-        trainer.save_checkpoint(path)  # on every rank (it gathers the resume state); rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # on every rank (it gathers the resume state); rank 0 writes
         return path
 
     # ---- exact resume ----------------------------------------------------------------------------------------

@@ -122,3 +122,4 @@ class EntropySGD(PerturbationModule):
             self._inner = 0
             self._anchor = self._mu = self._mdw = None
         self.log_train(loss, logits, y, {"train/coupling": g, "train/passes_per_step": float(self.L)})
+        self.step_epoch_schedulers_on_last_batch()

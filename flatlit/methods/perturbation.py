@@ -268,6 +268,7 @@ class PerturbationModule(ClassificationModule):
         else:
             self._micro += 1
         self.log_train(loss, logits, y, extras)
+        self.step_epoch_schedulers_on_last_batch()
 
     def optimizer_update(self) -> None:
         """Clip, take exactly one optimizer step, zero the gradients, step per-step schedulers."""
@@ -280,12 +281,23 @@ class PerturbationModule(ClassificationModule):
         if self.hparams.scheduler_interval == "step":
             self._step_schedulers()
 
-    def _step_schedulers(self) -> None:
+    def step_epoch_schedulers_on_last_batch(self) -> None:
+        """Step the epoch-interval schedulers (except ReduceLROnPlateau) with the epoch's last batch, not in
+        ``on_train_epoch_end``: a checkpoint written after this batch then holds the stepped scheduler (Lightning
+        does not rerun the epoch-end hooks when it resumes from such a checkpoint)."""
+        if self.hparams.scheduler_interval == "epoch" and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._step_schedulers(plateau=False)
+
+    def _step_schedulers(self, plateau: bool | None = None) -> None:
+        """Step the LR schedulers (``plateau``: only ReduceLROnPlateau (True), only the others (False), all)."""
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return
         for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
-            if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            is_plateau = isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if plateau is not None and plateau != is_plateau:
+                continue
+            if is_plateau:
                 metric = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
                 if metric is not None:
                     sch.step(metric)
@@ -295,4 +307,7 @@ class PerturbationModule(ClassificationModule):
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         if self.hparams.scheduler_interval == "epoch":
-            self._step_schedulers()
+            # ReduceLROnPlateau needs this epoch's validation metric; an epoch cut short (max_steps) never saw
+            # its last batch, so its other schedulers step here
+            last = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            self._step_schedulers(plateau=None if not last else True)

@@ -76,6 +76,29 @@ def create_model(
     image_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
+    """Build a model by name (see :func:`_create`); a builder that rejects its ``kwargs`` values (a wrong type,
+    an impossible size) is a ConfigError naming ``model.init_args.arch_kwargs``."""
+    try:
+        model = _create(name, num_classes, in_channels, image_size, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if isinstance(err, ConfigError) or not kwargs:
+            raise
+        raise ConfigError(
+            f"model.init_args.arch_kwargs: model {name!r} rejects {kwargs} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})."
+        ) from None
+    if sum(p.numel() for p in model.parameters()) == 0:
+        raise ConfigError(f"model.init_args.arch_kwargs: model {name!r} with {kwargs} has no parameters.")
+    return model
+
+
+def _create(
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build a model by name.
 
     Sizes left at None are not passed to a registered builder, so its own defaults apply (e.g. LeNet: 1×28×28);

@@ -261,3 +261,22 @@ def test_progress_lines(caplog):
     lines = [r.getMessage() for r in caplog.records if "HVPs" in r.getMessage()]
     assert lines and "HessianEigenvalues at step 0: 1 HVPs" in lines[0]
     assert any("residual" in ln for ln in lines)
+
+
+def test_step_measurements_logged_once_and_two_instances_apart(tmp_path):
+    top = HessianEigenvalues(top_k=1, num_samples=16, batch_size=16, every_n_steps=4, at_train_start=False)
+    bottom = HessianEigenvalues(top_k=1, num_samples=16, batch_size=16, which="SA", max_iter=50)
+    logger = TensorBoardLogger(str(tmp_path), name="g")
+    trainer = quiet_trainer(max_steps=8, callbacks=[top, bottom], logger=logger, log_every_n_steps=1)
+    trainer.fit(Net(), datamodule=ShuffleGeneratorDM())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(trainer.log_dir)
+    events.Reload()
+    steps = [e.step for e in events.Scalars("hessian/lambda_1")]
+    assert steps == [3, 7]  # one point per measurement (global steps 4 and 8), at Lightning's step for that batch
+    assert float(trainer.callback_metrics["hessian/lambda_1"]) == pytest.approx(top.history["eigenvalues"][-1][0])
+    assert float(trainer.callback_metrics["hessian/lambda_min_1"]) == pytest.approx(
+        bottom.history["eigenvalues"][-1][0], rel=1e-6
+    )
+    assert bottom.history["eigenvalues"][-1][0] < top.history["eigenvalues"][-1][0]
