@@ -169,7 +169,7 @@ def fisher_rao_norm(inputs: MeasureInputs) -> MeasureResult:
     per-example loss (the :class:`MeasureInputs` convention). With ``bn="train"`` the J_i θ include the batch
     statistics' dependence on θ. Squares and counts are all-reduced. Deterministic.
 
-    Cost: counted as 1 gradient (a forward-mode pass costs about as much as a forward + backward).
+    Cost: 1 forward + 1 gradient (a forward-mode pass, primal and tangent, plus a backward of the loss to the outputs).
     """
     named = inputs.named_params
     dev = named[0][1].device
@@ -189,7 +189,9 @@ def fisher_rao_norm(inputs: MeasureInputs) -> MeasureResult:
         acc[1] += len(y)
     acc = all_reduce_sum(acc)
     value = float(acc[0] / acc[1])
-    return MeasureResult("fisher_rao_norm", value, None, Cost(gradients=1), {}, {"norm": math.sqrt(value)})
+    # cost: one forward-mode pass (primal + tangent: a forward and about a backward's worth) and a backward of the
+    # loss to the outputs only, counted as 1 forward + 1 gradient
+    return MeasureResult("fisher_rao_norm", value, None, Cost(forwards=1, gradients=1), {}, {"norm": math.sqrt(value)})
 
 
 # ---- ε-flatness along the gradient ----------------------------------------------------------------------------------
