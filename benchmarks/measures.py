@@ -1,9 +1,10 @@
 """Cost of every sharpness/complexity measure on flatlit's lenet and 1,000 real Fashion-MNIST examples, in one run.
 
 For each registered measure: its wall time, and its overhead = wall time / (its counted passes × the measured time of
-one such pass), where a pass over the sample is a no-grad forward, a gradient (forward + backward) or an HVP, each
-timed here on the same model and sample (median of ``--repeats``). A ratio near 1 means the measure costs what its
-passes cost; measures that never touch the data (norms) have no ratio. Prints
+one such pass), where a pass over the sample is a no-grad forward, a gradient (forward + backward), an HVP or a
+per-example gradient pass (``torch.func.vmap`` of ``grad`` over the examples, 16 at a time as minimum sharpness
+does), each timed here on the same model and sample (median of ``--repeats``). A ratio near 1 means the measure
+costs what its passes cost; measures that never touch the data (norms) have no ratio. Prints
 ``{"overhead": {name: ratio}, "max_overhead": r, "seconds": {name: s}, "unit_seconds": {...}}`` with ``--json``.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit
@@ -62,7 +64,20 @@ def main() -> None:
     params = inputs.params
     op = HessianOperator(module, batches, module.loss_fn, params)
     v = torch.randn(op.numel)
+    theta = {n: p.detach() for n, p in module.named_parameters()}
+
+    def example_loss(th, x, y):
+        return module.loss_fn(functional_call(module, th, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0))
+
+    def per_example_pass():
+        for x, y in batches:
+            for xc, yc in zip(x.split(16), y.split(16)):
+                per_example_grad(theta, xc, yc)
+
     unit = {
+        "per_example": median_time(per_example_pass, max(1, args.repeats // 2)),
         "forward": median_time(lambda: mean_loss(module, batches, module.loss_fn), args.repeats),
         "gradient": median_time(lambda: loss_and_grad(module, params, batches, module.loss_fn), args.repeats),
         "hvp": median_time(lambda: op.matvec(v), args.repeats),
@@ -73,7 +88,12 @@ def main() -> None:
         result = compute_measure(name, inputs)
         seconds[name] = time.perf_counter() - t
         c = result.cost
-        predicted = c.forwards * unit["forward"] + c.gradients * unit["gradient"] + c.hvps * unit["hvp"]
+        predicted = (
+            c.forwards * unit["forward"]
+            + c.gradients * unit["gradient"]
+            + c.hvps * unit["hvp"]
+            + c.per_example * unit["per_example"]
+        )
         overhead[name] = seconds[name] / predicted if predicted > 0 else None
     ratios = [r for r in overhead.values() if r is not None]
     result = {"overhead": overhead, "max_overhead": max(ratios) if ratios else None, "seconds": seconds}

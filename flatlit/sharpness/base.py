@@ -9,8 +9,9 @@ flag, ``.grad`` and the global RNG untouched; randomness comes from a seeded ``t
 (:func:`all_reduce_sum`), so every rank computes the same value.
 
 Cost is counted in *passes over the sample*: ``forwards`` (no-grad forward passes), ``gradients`` (forward +
-backward) and ``hvps`` (Hessian-vector products); ``benchmarks/measures.py`` compares a measure's wall time with
-these counts times the measured cost of one such pass.
+backward), ``hvps`` (Hessian-vector products) and ``per_example`` (a gradient per example, by ``vmap``);
+``benchmarks/measures.py`` compares a measure's wall time with these counts times the measured cost of one such
+pass.
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ BN_POLICIES = ("eval", "train", "fold")
 
 @dataclass(frozen=True)
 class Cost:
-    """Passes over the whole sample: no-grad forwards, gradients (forward + backward) and HVPs."""
+    """Passes over the whole sample: no-grad forwards, gradients (forward + backward), HVPs, and per-example
+    gradients (a gradient for each example separately, ``torch.func.vmap``)."""
 
     forwards: int = 0
     gradients: int = 0
     hvps: int = 0
+    per_example: int = 0
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.forwards + other.forwards, self.gradients + other.gradients, self.hvps + other.hvps)
+        return Cost(
+            self.forwards + other.forwards,
+            self.gradients + other.gradients,
+            self.hvps + other.hvps,
+            self.per_example + other.per_example,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class MeasureResult:
             "name": self.name,
             "value": self.value,
             "std_error": self.std_error,
-            "cost": {"forwards": self.cost.forwards, "gradients": self.cost.gradients, "hvps": self.cost.hvps},
+            "cost": dataclasses.asdict(self.cost),
             "settings": self.settings,
             "extra": self.extra,
         }

@@ -156,8 +156,9 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
 
     The cross-entropy GN is used whatever ``inputs.loss_fn`` is (labels are not needed). ``bn="train"`` is refused
     (per-example batch statistics). ``extra``: ``trace`` (the un-rescaled trace Σ w_l + b_l), ``w/<layer>``,
-    ``b/<layer>``, ``alpha/<layer>`` (the optimal α_l), ``steps`` and ``converged``. Cost: ``gradients`` = K (the
-    number of classes): each example needs the Jacobian of its K logits, i.e. one forward and K backward passes.
+    ``b/<layer>``, ``alpha/<layer>`` (the optimal α_l), ``steps`` and ``converged``. Cost: ``per_example`` = K (the
+    number of classes): each example needs the Jacobian of its K logits, i.e. K per-example gradient passes
+    (``vmap`` over examples: no batched weight-gradient GEMM, each example's gradient is materialised).
     """
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
@@ -193,4 +194,4 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
     for layer, e in zip(layers, exponents):
         extra[f"alpha/{layer.name}"] = math.exp(e)
     settings = {"chunk_size": int(chunk_size), "max_steps": int(max_steps), "tol": float(tol)}
-    return MeasureResult("minimum_sharpness", value, None, Cost(gradients=num_classes), settings, extra)
+    return MeasureResult("minimum_sharpness", value, None, Cost(per_example=num_classes), settings, extra)

@@ -98,7 +98,7 @@ def test_minimum_sharpness_is_invariant_to_function_preserving_rescaling():
     assert a.extra["converged"] == 1.0 and b.extra["converged"] == 1.0
     assert abs(a.extra["trace"] - b.extra["trace"]) > 0.1 * a.extra["trace"]  # the plain trace is not invariant
     assert a.value < a.extra["trace"] and a.value > 0
-    assert a.cost.gradients == 3 and a.cost.hvps == 0
+    assert a.cost.per_example == 3 and a.cost.gradients == a.cost.hvps == 0
     assert a.settings == {"chunk_size": 16, "max_steps": 100, "tol": 1e-12, "bn": "eval"}
 
 
