@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatlit.sharpness.base import Batch, Cost, MeasureInputs, MeasureResult, all_reduce_sum, register_measure
@@ -28,9 +28,9 @@ def gauss_newton_diagonal(
     averaged over the sample (all ranks), and the sample size.
 
     For each example, with logits f and p = softmax(f), diag GN = Σ_k p_k (∂f_k/∂θ)² − (Σ_k p_k ∂f_k/∂θ)², i.e.
-    the diagonal of Jᵀ(diag p − p pᵀ)J (Σ_k p_k ∂f_k/∂θ is ∂ logsumexp f/∂θ); it does not depend on the label. J comes
-    from ``torch.func``: ``vmap`` over ``chunk_size`` examples at a time of ``jacrev`` of the logits of one example
-    (``functional_call``), so memory is about chunk_size × K × P values (K classes, P parameters). The model is
+    the diagonal of Jᵀ(diag p − p pᵀ)J (Σ_k p_k ∂f_k/∂θ is ∂ logsumexp f/∂θ); it does not depend on the label. The
+    rows of J come from ``torch.func``: ``vmap`` over ``chunk_size`` examples at a time of ``grad`` of one logit,
+    one logit after the other (K per-example gradient passes; memory about 2 × chunk_size × P values). The model is
     evaluated as it is (call in eval mode: per-example BatchNorm batch statistics would be meaningless).
     """
     params = dict(model.named_parameters())
@@ -39,23 +39,30 @@ def gauss_newton_diagonal(
         raise ValueError(f"model has no parameter(s) {', '.join(missing)}")
     theta = {n: params[n].detach() for n in names}
 
-    def logits(th: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = functional_call(model, th, (x.unsqueeze(0),)).squeeze(0)
-        return out, out
+    def logit(th: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
+        return functional_call(model, th, (x.unsqueeze(0),)).squeeze(0)[k]
 
-    jac = vmap(jacrev(logits, has_aux=True), in_dims=(None, 0))
     sums = {n: torch.zeros_like(t) for n, t in theta.items()}
     count = 0
     for x, _ in batches:
         count += len(x)
         for chunk in x.split(chunk_size):
-            jacs, out = jac(theta, chunk)  # jacs[n]: (B, K, *shape); out: (B, K)
-            prob = torch.softmax(out.detach(), dim=-1)
-            for n, j in jacs.items():
-                j = j.detach().flatten(2)
-                weighted = prob.unsqueeze(-1) * j
-                diag = (weighted * j).sum((0, 1)) - weighted.sum(1).pow(2).sum(0)
-                sums[n] += diag.view_as(sums[n])
+            with torch.no_grad():
+                prob = torch.softmax(functional_call(model, theta, (chunk,)), dim=-1)  # (B, K)
+            # stream over the K logits: per-example gradients of one logit at a time (one vmap'd backward each),
+            # so only B × P values live at once; Σ_k p_k (∂f_k)² is summed over the examples at once and
+            # Σ_k p_k ∂f_k (= ∂ logsumexp f) is kept per example until the K rows are done
+            mean_grad = {
+                n: torch.zeros((len(chunk), *t.shape), dtype=t.dtype, device=t.device) for n, t in theta.items()
+            }
+            for k in range(prob.shape[1]):
+                rows = vmap(grad(logit), in_dims=(None, 0, None))(theta, chunk, k)  # rows[n]: (B, *shape)
+                for n, r in rows.items():
+                    weighted = prob[:, k].view(-1, *([1] * (r.ndim - 1))) * r
+                    sums[n] += (weighted * r).sum(0)
+                    mean_grad[n] += weighted
+            for n, g in mean_grad.items():
+                sums[n] -= g.pow(2).sum(0)
     flat = torch.cat(
         [torch.tensor([float(count)], dtype=torch.float64, device=next(iter(sums.values())).device)]
         + [s.reshape(-1).double() for s in sums.values()]
