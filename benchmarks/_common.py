@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import statistics
 import time
 from collections.abc import Callable
 
 import lightning.pytorch as pl
+import torch
+
+from flatlit.data import FashionMNISTDataModule
 
 
 class EpochTimer(pl.Callback):
@@ -49,6 +54,27 @@ def bench_trainer(**kwargs) -> pl.Trainer:
         accelerator="cpu",
     )
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def quickstart_data(data_dir: str) -> FashionMNISTDataModule:
+    """The quickstart's Fashion-MNIST (50k/10k split, batch 128), set up for fitting, with Lightning's info lines
+    silenced and torch seeded."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=10000, download=False)
+    dm.setup("fit")
+    return dm
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def timed(fn: Callable[[], None]) -> float:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import bench_trainer, emit
+from _common import bench_trainer, emit, median_time
 
 from flatlit.callbacks import HessianEigenvalues
 from flatlit.curvature import HessianOperator, lanczos, power_iteration
@@ -27,16 +25,6 @@ from flatlit.curvature.hvp import gradient_time_reference
 from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
 from flatlit.methods import SGDFamily
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

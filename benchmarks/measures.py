@@ -11,9 +11,7 @@ costs what its passes cost; measures that never touch the data (norms) have no r
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import statistics
 import sys
 import time
 
@@ -21,39 +19,25 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit
+from _common import emit, median_time, quickstart_data
 
 from flatlit.curvature import HessianOperator
-from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
 from flatlit.methods import SGDFamily
 from flatlit.sharpness import MeasureInputs, compute_measure, list_measures
 from flatlit.sharpness.base import loss_and_grad, mean_loss
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--data-dir", default=DEBIAN_FASHION_MNIST)
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--measures", nargs="*", default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    data_dir = args.data_dir if os.path.isdir(args.data_dir) else DEBIAN_FASHION_MNIST
-    dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=10000)
-    dm.setup("fit")
+    dm = quickstart_data(args.data_dir)
     module = SGDFamily(arch="lenet").eval()
     batches = dm.curvature_batches(args.num_samples, args.batch_size, seed=0)
     init = {k: v.clone() for k, v in module.state_dict().items()}

@@ -12,7 +12,6 @@ Prints one JSON line with ``--json``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -23,9 +22,8 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import StepTimer, bench_trainer, emit
+from _common import StepTimer, bench_trainer, emit, quickstart_data
 
-from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
 from flatlit.methods import SGDFamily
 
@@ -60,16 +58,12 @@ def module() -> SGDFamily:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--data-dir", default=DEBIAN_FASHION_MNIST)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    data_dir = args.data_dir if os.path.isdir(args.data_dir) else DEBIAN_FASHION_MNIST
-    dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=10000)
-    dm.setup("fit")
+    dm = quickstart_data(args.data_dir)
     ckpt = os.path.join(tempfile.mkdtemp(), "step.ckpt")
 
     steps, saver = StepTimer(), SaveTimer(ckpt, args.every)

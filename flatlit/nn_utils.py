@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -34,3 +36,22 @@ def frozen_bn_stats(module: nn.Module, enabled: bool = True) -> Iterator[None]:
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the torch (CPU and CUDA), NumPy and Python RNG states on exit."""
+    state = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        np.random.get_state(),
+        random.getstate(),
+    )
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state_all(state[1])
+        np.random.set_state(state[2])
+        random.setstate(state[3])

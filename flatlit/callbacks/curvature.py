@@ -28,11 +28,9 @@ operator and log the same values.
 from __future__ import annotations
 
 import os
-import random
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,6 +47,7 @@ from flatlit.callbacks.history import HistoryCSV
 from flatlit.curvature import EigenResult, HessianOperator, hutchinson, lanczos, select_params, slq_density
 from flatlit.curvature.hvp import batch_size, evaluation_mode
 from flatlit.errors import ConfigError
+from flatlit.nn_utils import preserved_rng
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
@@ -57,25 +56,6 @@ Y_KEYS = ("y", "target", "targets", "label", "labels")
 
 # the values are identical on every rank (the operator is all-reduced): Lightning's sync_dist advice does not apply
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(hessian|sharpness|complexity)/")
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore the torch (CPU and CUDA), NumPy and Python RNG states on exit."""
-    state = (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        np.random.get_state(),
-        random.getstate(),
-    )
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state_all(state[1])
-        np.random.set_state(state[2])
-        random.setstate(state[3])
 
 
 def unpack_xy(batch: Any, owner: str) -> tuple[Any, Any]:

@@ -155,9 +155,6 @@ class SharpnessMeasures(CurvatureCallback):
         self.history["values"].append(values)
         return metrics
 
-    def params(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
-        return [p for p in pl_module.parameters() if p.requires_grad]
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": {k: list(v) for k, v in self.history.items()}}

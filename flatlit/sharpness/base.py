@@ -20,18 +20,18 @@ import dataclasses
 import inspect
 import itertools
 import math
-import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from flatlit.nn_utils import preserved_rng
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -195,14 +195,9 @@ def observed(model: nn.Module) -> Iterator[None]:
     saved = [t.detach().clone() for t in params] + [b.detach().clone() for b in model.buffers()]
     grads = [(p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params]
     flags = [(m, m.training) for m in model.modules()]
-    rng = (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        np.random.get_state(),
-        random.getstate(),
-    )
     try:
-        yield
+        with preserved_rng():
+            yield
     finally:
         with torch.no_grad():
             for t, v in zip([*params, *model.buffers()], saved):
@@ -214,11 +209,6 @@ def observed(model: nn.Module) -> Iterator[None]:
                     g.copy_(value)
         for m, flag in flags:
             m.training = flag
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
-        np.random.set_state(rng[2])
-        random.setstate(rng[3])
 
 
 def set_bn_policy(model: nn.Module, bn: str) -> None:
@@ -284,28 +274,25 @@ def sample_size(batches: Sequence[Batch]) -> int:
     return int(all_reduce_sum(n).item())
 
 
-def mean_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> float:
-    """Σ_b n_b L_b / Σ_b n_b over the sample (all ranks), no grad: one forward pass."""
+def mean_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, reduce: bool = True) -> float:
+    """Σ_b n_b L_b / Σ_b n_b over the sample (all ranks; this rank's ``batches`` only when ``reduce`` is False),
+    no grad: one forward pass."""
     dev = next(model.parameters()).device
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for x, y in batches:
             acc[0] += loss_fn(model(x), y).double() * len(y)
             acc[1] += len(y)
-    acc = all_reduce_sum(acc)
+    if reduce:
+        acc = all_reduce_sum(acc)
     return float(acc[0] / acc[1])
 
 
-def batch_losses(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> list[float]:
-    """The mean loss of each batch (local, no all-reduce): one forward pass."""
-    with torch.no_grad():
-        return [float(loss_fn(model(x), y)) for x, y in batches]
-
-
 def loss_and_grad(
-    model: nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Batch], loss_fn: LossFn
+    model: nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Batch], loss_fn: LossFn, reduce: bool = True
 ) -> tuple[float, list[torch.Tensor]]:
-    """Mean loss and its gradient over the sample (all ranks) by ``torch.autograd.grad`` (``.grad`` untouched)."""
+    """Mean loss and its gradient over the sample by ``torch.autograd.grad`` (``.grad`` untouched): over all ranks,
+    or over this rank's ``batches`` only when ``reduce`` is False (e.g. m-sharpness chunks, which differ by rank)."""
     dev = params[0].device
     grads = [torch.zeros_like(p) for p in params]
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -318,7 +305,9 @@ def loss_and_grad(
                 buf.add_(gi, alpha=len(y))
         acc[0] += loss.detach().double() * len(y)
         acc[1] += len(y)
-    flat = all_reduce_sum(torch.cat([acc.to(grads[0].dtype), *[g.reshape(-1) for g in grads]]))
+    flat = torch.cat([acc.to(grads[0].dtype), *[g.reshape(-1) for g in grads]])
+    if reduce:
+        flat = all_reduce_sum(flat)
     total = float(flat[1])
     out, i = [], 2
     for g in grads:
@@ -349,7 +338,7 @@ def mc_stats(samples: Sequence[float]) -> tuple[float, float]:
     return float(t.mean()), se
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+def generator(seed: int) -> torch.Generator:
     """A seeded generator on the CPU (draws are made on the CPU and moved, so every device and rank agrees)."""
     return torch.Generator().manual_seed(seed)
 

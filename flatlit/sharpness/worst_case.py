@@ -183,31 +183,7 @@ def chunks_of(batches: Sequence[Batch], m: int) -> list[list[Batch]]:
     return [c for c in out if c]
 
 
-def local_loss_and_grad(
-    model: torch.nn.Module, params: Sequence[torch.Tensor], pieces: Sequence[Batch], loss_fn
-) -> tuple[float, list[torch.Tensor]]:
-    """Mean loss and gradient over ``pieces`` on this rank only (no all-reduce: chunks differ between ranks)."""
-    grads = [torch.zeros_like(p) for p in params]
-    total, count = 0.0, 0
-    for x, y in pieces:
-        with torch.enable_grad():
-            loss = loss_fn(model(x), y)
-            g = torch.autograd.grad(loss, list(params), allow_unused=True)
-        for buf, gi in zip(grads, g):
-            if gi is not None:
-                buf.add_(gi, alpha=len(y))
-        total += float(loss.detach()) * len(y)
-        count += len(y)
-    return total / count, [g / count for g in grads]
-
-
 # ---- worst-case sharpness --------------------------------------------------------------------------------------------
-def _local_mean_loss(model: torch.nn.Module, pieces: Sequence[Batch], loss_fn) -> float:
-    with torch.no_grad():
-        total = sum(float(loss_fn(model(x), y)) * len(y) for x, y in pieces)
-    return total / sum(len(y) for _, y in pieces)
-
-
 def worst_case_sharpness(
     inputs: MeasureInputs,
     name: str,
@@ -250,8 +226,8 @@ def worst_case_sharpness(
     else:
         acc = torch.zeros(3, dtype=torch.float64)  # Σ n_c·clean_c, Σ n_c·worst_c, Σ n_c
         for pieces in chunks_of(inputs.batches, m):
-            f_start, worst_c = climb(lambda ps, pieces=pieces: local_loss_and_grad(model, ps, pieces, loss_fn))
-            clean_c = f_start if seed is None else _local_mean_loss(model, pieces, loss_fn)
+            f_start, worst_c = climb(lambda ps, pieces=pieces: loss_and_grad(model, ps, pieces, loss_fn, reduce=False))
+            clean_c = f_start if seed is None else mean_loss(model, pieces, loss_fn, reduce=False)
             n_c = sum(len(y) for _, y in pieces)
             acc += torch.tensor([n_c * clean_c, n_c * max(worst_c, clean_c), n_c], dtype=torch.float64)
         if distributed():

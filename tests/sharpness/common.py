@@ -25,13 +25,18 @@ def cheap(name: str) -> dict:
     return {k: v for k, v in CHEAP.items() if k in get_measure(name).defaults}
 
 
+def bn_mlp_model(seed: int = 0) -> nn.Module:
+    """Flatten → Linear(6, 5) → BatchNorm → ReLU → Dropout(0.2) → Linear(5, 3), float64, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.2), nn.Linear(5, 3)
+    ).double()
+
+
 def problem(seed: int = 0, n: int = 48, batch: int = 12) -> tuple[nn.Module, list, dict]:
     """An MLP with BatchNorm and dropout (float64), 48 examples in 4 batches, its initial weights."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.2), nn.Linear(5, 3)
-    ).double()
+    model = bn_mlp_model(seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(n, 6, generator=g, dtype=torch.float64)
     x[:, 0] += 0.8 * torch.sign(x[:, 0])  # a gap around each class boundary: separable with a margin

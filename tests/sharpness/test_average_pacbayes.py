@@ -20,15 +20,6 @@ AVERAGE = ["average_sharpness", "lpf_sharpness", "expected_sharpness"]
 PAC = ["pac_bayes_sharpness", "pac_bayes_magnitude"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 problems: one intra-op thread avoids OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def centred_quadratic(d: int = 10, seed: int = 0, at_minimum: bool = False):
     """L(v) = ½ vᵀAv + bᵀv at weights w (b = −Aw puts w at the minimum); returns inputs, A, b, w."""
     rng = np.random.default_rng(seed)

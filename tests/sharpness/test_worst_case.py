@@ -16,16 +16,7 @@ from flatlit.sharpness import MeasureInputs, compute_measure, get_measure
 from flatlit.sharpness.base import generator
 from flatlit.sharpness.keskar import subspace_matrix
 from flatlit.sharpness.worst_case import apgd_ascent, apgd_checkpoints, chunks_of
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 problems: one intra-op thread avoids OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.sharpness.common import bn_mlp_model
 
 WORST = ["worst_case_l2", "worst_case_linf", "adaptive_worst_case_l2", "adaptive_worst_case_linf"]
 
@@ -66,10 +57,7 @@ def bn_mlp(seed: int = 0, n: int = 48, batch: int = 12) -> tuple[nn.Module, list
     """An MLP with BatchNorm and dropout (float64, train mode, perturbed BN statistics), 48 examples in 4 batches,
     and its initial weights (a state_dict)."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.2), nn.Linear(5, 3)
-    ).double()
+    model = bn_mlp_model(seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
