@@ -27,11 +27,12 @@ def gauss_newton_diagonal(
     """Diagonal of the Gauss–Newton matrix of the cross-entropy w.r.t. the parameters ``names`` of ``model``,
     averaged over the sample (all ranks), and the sample size.
 
-    For each example, with logits f and p = softmax(f), diag GN = Σ_k p_k (∂f_k/∂θ)² − (Σ_k p_k ∂f_k/∂θ)², i.e.
-    the diagonal of Jᵀ(diag p − p pᵀ)J (Σ_k p_k ∂f_k/∂θ is ∂ logsumexp f/∂θ); it does not depend on the label. The
-    rows of J come from ``torch.func``: ``vmap`` over ``chunk_size`` examples at a time of ``grad`` of one logit,
-    one logit after the other (K per-example gradient passes; memory about 2 × chunk_size × P values). The model is
-    evaluated as it is (call in eval mode: per-example BatchNorm batch statistics would be meaningless).
+    For each example, with logits f and p = softmax(f), GN = Jᵀ(diag p − p pᵀ)J with J = ∂f/∂θ; it does not depend
+    on the label. Since Σ_k p_k = 1, diag p − p pᵀ = S Sᵀ with columns s_k = √p_k (e_k − p), so
+    diag GN = Σ_k (Jᵀ s_k)²: K vector–Jacobian products per example, each squared and summed in place. They come
+    from ``torch.func``: ``vmap`` over ``chunk_size`` examples at a time of ``grad`` of s_kᵀ f (K per-example
+    gradient passes, one chunk × P buffer alive at a time), after one no-grad forward for p. The model is evaluated
+    as it is (call in eval mode: per-example BatchNorm batch statistics would be meaningless).
     """
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
@@ -39,30 +40,25 @@ def gauss_newton_diagonal(
         raise ValueError(f"model has no parameter(s) {', '.join(missing)}")
     theta = {n: params[n].detach() for n in names}
 
-    def logit(th: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
-        return functional_call(model, th, (x.unsqueeze(0),)).squeeze(0)[k]
+    def projected(th: dict[str, torch.Tensor], x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (functional_call(model, th, (x.unsqueeze(0),)).squeeze(0) * s).sum()
 
+    vjp_rows = vmap(grad(projected), in_dims=(None, 0, 0))
     sums = {n: torch.zeros_like(t) for n, t in theta.items()}
     count = 0
     for x, _ in batches:
         count += len(x)
         for chunk in x.split(chunk_size):
             with torch.no_grad():
-                prob = torch.softmax(functional_call(model, theta, (chunk,)), dim=-1)  # (B, K)
-            # stream over the K logits: per-example gradients of one logit at a time (one vmap'd backward each),
-            # so only B × P values live at once; Σ_k p_k (∂f_k)² is summed over the examples at once and
-            # Σ_k p_k ∂f_k (= ∂ logsumexp f) is kept per example until the K rows are done
-            mean_grad = {
-                n: torch.zeros((len(chunk), *t.shape), dtype=t.dtype, device=t.device) for n, t in theta.items()
-            }
+                logits = functional_call(model, theta, (chunk,))
+                prob = torch.softmax(logits.double(), dim=-1)  # (B, K), float64 so s_k sums to zero exactly enough
+            root = prob.sqrt()
             for k in range(prob.shape[1]):
-                rows = vmap(grad(logit), in_dims=(None, 0, None))(theta, chunk, k)  # rows[n]: (B, *shape)
+                s_k = -root[:, k : k + 1] * prob  # √p_k (e_k − p)
+                s_k[:, k] += root[:, k]
+                rows = vjp_rows(theta, chunk, s_k.to(logits.dtype))  # rows[n]: (B, *shape), fresh: squared in place
                 for n, r in rows.items():
-                    weighted = prob[:, k].view(-1, *([1] * (r.ndim - 1))) * r
-                    sums[n] += (weighted * r).sum(0)
-                    mean_grad[n] += weighted
-            for n, g in mean_grad.items():
-                sums[n] -= g.pow(2).sum(0)
+                    sums[n] += r.square_().sum(0)
     flat = torch.cat(
         [torch.tensor([float(count)], dtype=torch.float64, device=next(iter(sums.values())).device)]
         + [s.reshape(-1).double() for s in sums.values()]
@@ -152,7 +148,7 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
     function-preserving layer rescalings of a ReLU network.
 
     1. diag GN = mean over the sample of Σ_k p_k (∂f_k/∂θ)² − (∂ logsumexp f/∂θ)² (:func:`gauss_newton_diagonal`,
-       per-example Jacobians of the K logits by ``torch.func``, ``chunk_size`` = 16 examples at a time).
+       K vector–Jacobian products per example by ``torch.func``, ``chunk_size`` = 16 examples at a time).
     2. Per-layer traces w_l (weight) and b_l (bias, 0 without bias) for the L Linear/Conv layers in forward order.
        As upstream, layers are the Linear/Conv modules only: BatchNorm parameters are excluded (and not counted as
        layers; the CS-439 port's quirk of counting them as zero-trace layers is not reproduced); use ``bn="fold"``
@@ -164,8 +160,9 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
     The cross-entropy GN is used whatever ``inputs.loss_fn`` is (labels are not needed). ``bn="train"`` is refused
     (per-example batch statistics). ``extra``: ``trace`` (the un-rescaled trace Σ w_l + b_l), ``w/<layer>``,
     ``b/<layer>``, ``alpha/<layer>`` (the optimal α_l), ``steps`` and ``converged``. Cost: ``per_example`` = K (the
-    number of classes): each example needs the Jacobian of its K logits, i.e. K per-example gradient passes
-    (``vmap`` over examples: no batched weight-gradient GEMM, each example's gradient is materialised).
+    number of classes): each example needs K vector–Jacobian products, i.e. K per-example gradient passes (``vmap``
+    over examples: no batched weight-gradient GEMM, each example's gradient is materialised), and ``forwards`` = 1
+    (the probabilities).
     """
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
@@ -201,4 +198,4 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
     for layer, e in zip(layers, exponents):
         extra[f"alpha/{layer.name}"] = math.exp(e)
     settings = {"chunk_size": int(chunk_size), "max_steps": int(max_steps), "tol": float(tol)}
-    return MeasureResult("minimum_sharpness", value, None, Cost(per_example=num_classes), settings, extra)
+    return MeasureResult("minimum_sharpness", value, None, Cost(forwards=1, per_example=num_classes), settings, extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
 
 import numpy as np
 import pytest
@@ -356,3 +357,41 @@ def test_measure_function_restores_weights_and_grads_itself(name):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert [p.grad for p in model.parameters()] == grads and all(g is None or torch.all(g == 0.25) for g in grads)
     assert all(m.training for m in model.modules()) and torch.equal(torch.get_rng_state(), rng)
+
+
+def _box_problem(n: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal((n, n))
+    a, b = r @ r.T / n + 0.1 * np.eye(n), rng.standard_normal(n)
+    calls = []
+
+    def fun(x):
+        calls.append(x.copy())
+        return 0.5 * x @ a @ x + b @ x, a @ x + b
+
+    return fun, calls, np.zeros(n), -0.3 * np.ones(n), 0.2 * np.ones(n)
+
+
+@pytest.mark.parametrize("maxiter", [1, 3, 50])
+def test_lbfgsb_driver_follows_scipy_minimize(maxiter, monkeypatch):
+    """flatlit's direct setulb driver visits the same points as scipy.optimize.minimize(L-BFGS-B), and falls back
+    to minimize when the private routine's signature differs."""
+    from flatlit.sharpness import keskar
+
+    fun, calls, x0, lo, up = _box_problem()
+    final = keskar.lbfgsb(fun, x0, lo, up, maxiter)
+    ours = list(calls)
+    calls.clear()
+    res = scipy.optimize.minimize(
+        fun, x0, jac=True, method="L-BFGS-B", bounds=scipy.optimize.Bounds(lo, up), options={"maxiter": maxiter}
+    )
+    assert len(ours) == len(calls) == res.nfev
+    np.testing.assert_array_equal(np.array(ours), np.array(calls))
+    assert final == res.fun
+    calls.clear()
+
+    def old_signature(*args):
+        raise TypeError("setulb() takes 18 positional arguments")
+
+    monkeypatch.setattr(keskar, "_lbfgsb", types.SimpleNamespace(setulb=old_signature))
+    assert keskar.lbfgsb(fun, x0, lo, up, maxiter) == res.fun
