@@ -301,4 +301,13 @@ def _print_table(done: dict[str, Any], skipped: dict[str, str], output: str) -> 
         print(f"{name:{width}s}  {r['value']:12.5g}  {se_text}  {r['seconds']:8.2f}")
     for name, why in skipped.items():
         print(f"{name:{width}s}  skipped: {why}")
+    vacuous = [n for n, r in done.items() if r["value"] == math.inf and (r.get("extra") or {}).get("margin", 1) <= 0]
+    if vacuous:
+        r = done[vacuous[0]]
+        pct = r.get("settings", {}).get("percentile", 5.0)
+        print(
+            f"inf: {', '.join(vacuous)} divide by the {pct:g}th-percentile margin γ = {r['extra']['margin']:.3g} ≤ 0 "
+            f"(more than {pct:g}% of the sample is misclassified), so they are vacuous; measure a model that fits "
+            "its training data (e.g. experiments/quickstart/fashion_mnist_fit.yaml)."
+        )
     print(f"written: {output}")

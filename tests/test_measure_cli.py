@@ -57,6 +57,7 @@ def test_measure_writes_finite_results_and_caches(trained, monkeypatch, capsys):
     assert all(values[n] == math.inf for n in unbounded)
     table = capsys.readouterr().out
     assert "written:" in table and all(name in table for name in values)
+    assert (f"inf: {', '.join(sorted(unbounded))} divide by the 5th-percentile margin" in table) == bool(unbounded)
 
     def fail(*a, **k):
         raise AssertionError("recomputed a cached measure")
