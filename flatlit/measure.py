@@ -15,20 +15,18 @@ half-way keeps what it finished. Bad input is one ``flatlit: error: ...`` line (
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import logging
 import math
 import os
 import sys
 import time
-import warnings
 from typing import Any
 
 import torch
 import yaml
 
 from flatlit.errors import ConfigError, FlatlitError
+from flatlit.runs import load_init_state, load_run, sha256, write_json
 
 CACHE_VERSION = 1
 
@@ -142,14 +140,6 @@ def _resolve_measures(names: list[str] | None, settings: dict[str, dict[str, Any
     return {name: {**get_measure(name).defaults, **settings.get(name, {})} for name in names}
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_cache(path: str, digest: str) -> dict[str, Any]:
     if os.path.isfile(path):
         try:
@@ -162,50 +152,6 @@ def _load_cache(path: str, digest: str) -> dict[str, Any]:
     return {"version": CACHE_VERSION, "results": {}}
 
 
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, default=float)
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous complete file
-
-
-def _run_dir(ckpt_path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(ckpt_path))
-    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
-
-
-def _build(config_path: str, device: torch.device):
-    """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used)."""
-    from flatlit.cli import FlatlitCLI
-
-    if not os.path.isfile(config_path):
-        raise ConfigError(
-            f"--config: {config_path!r} does not exist; pass the run's config.yaml (written next to its logs)."
-        )
-    with open(config_path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if "model" not in cfg or "data" not in cfg:
-        raise ConfigError(f"--config: {config_path!r} has no model/data sections; pass the run's config.yaml.")
-    args = {
-        "model": cfg["model"],
-        "data": cfg["data"],
-        "seed_everything": cfg.get("seed_everything", 0),
-        "trainer": {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False},
-    }
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:  # the Trainer built here is not used: its startup lines would only be noise
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = FlatlitCLI(args=args, run=False)
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
-    return cli.model.to(device), cli.datamodule
-
-
 def run(opts: argparse.Namespace) -> dict[str, Any] | None:
     if opts.list:
         sys.stdout.write(describe(opts.format))
@@ -215,23 +161,11 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
     for key in ("num_samples", "batch_size"):
         if getattr(opts, key) < 1:
             raise ConfigError(f"--{key}: must be >= 1, got {getattr(opts, key)}.")
-    from flatlit.cli import read_checkpoint
     from flatlit.sharpness import MeasureInputs, compute_measure
 
     measures = _resolve_measures(opts.measures, _settings(opts.settings))
-    ckpt = read_checkpoint(opts.ckpt_path)
-    run_dir = _run_dir(opts.ckpt_path)
-    config_path = opts.config or os.path.join(run_dir, "config.yaml")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module, dm = _build(config_path, device)
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ConfigError(
-            f"ckpt_path: {opts.ckpt_path!r} does not match the model of {config_path!r} "
-            f"({' '.join(first[1:3]).strip() or first[0]}); pass the run's own config with --config."
-        ) from None
+    module, dm, run_dir, _ = load_run(opts.ckpt_path, opts.config, device)
     dm.setup("fit")
     try:
         train = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
@@ -248,14 +182,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
             if n >= opts.num_samples:
                 break
     init_path = os.path.join(run_dir, "model_init.ckpt")
-    init_state = None
-    if os.path.isfile(init_path):
-        init_state = {k: v.to(device) for k, v in torch.load(init_path, map_location="cpu")["state_dict"].items()}
+    init_state = load_init_state(run_dir, device)
     num_train = len(dm.train_indices) if getattr(dm, "train_indices", None) is not None else None
     inputs = MeasureInputs(module, batches, module.loss_fn, init_state, test_batches, num_train)
 
     output = opts.output or os.path.join(os.path.dirname(os.path.abspath(opts.ckpt_path)), "measures.json")
-    digest = _sha256(opts.ckpt_path)
+    digest = sha256(opts.ckpt_path)
     cache = {"version": CACHE_VERSION, "results": {}} if opts.recompute else _load_cache(output, digest)
     cache["checkpoint"] = {"path": os.path.abspath(opts.ckpt_path), "sha256": digest}
     sample = {"num_samples": opts.num_samples, "batch_size": opts.batch_size, "seed": opts.seed}
@@ -285,9 +217,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
                 f"measure {i + 1}/{len(measures)}: {name} = {result.value:.5g} ({entry['seconds']:.1f} s)\n"
             )
         cache["results"][key] = done[name] = entry
-        _write_json(output, cache)
+        write_json(output, cache)
     bar.close()
-    _write_json(output, cache)
+    write_json(output, cache)
     _print_table(done, skipped, output)
     return done
 

@@ -1,0 +1,102 @@
+"""Shared by the commands that analyse a trained run (``flatlit measure``, ``landscape``, ``robustness``, ``report``):
+find a checkpoint's run directory, rebuild its model and DataModule from the saved ``config.yaml``, load the weights
+with a clear error when they do not match, and write result files atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+import yaml
+
+from flatlit.errors import ConfigError
+
+
+def run_dir(ckpt_path: str) -> str:
+    """The run directory of a checkpoint (``RUN/checkpoints/x.ckpt`` -> ``RUN``; else the checkpoint's folder)."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def build_from_config(config_path: str, device: torch.device | str = "cpu"):
+    """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used)."""
+    from flatlit.cli import FlatlitCLI
+
+    if not os.path.isfile(config_path):
+        raise ConfigError(
+            f"--config: {config_path!r} does not exist; pass the run's config.yaml (written next to its logs)."
+        )
+    with open(config_path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if "model" not in cfg or "data" not in cfg:
+        raise ConfigError(f"--config: {config_path!r} has no model/data sections; pass the run's config.yaml.")
+    args = {
+        "model": cfg["model"],
+        "data": cfg["data"],
+        "seed_everything": cfg.get("seed_everything", 0),
+        "trainer": {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False},
+    }
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # the Trainer built here is not used: its startup lines would only be noise
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = FlatlitCLI(args=args, run=False)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    return cli.model.to(device), cli.datamodule
+
+
+def load_run(ckpt_path: str, config: str | None = None, device: torch.device | str = "cpu", arg: str = "ckpt_path"):
+    """(module with the checkpoint's weights, DataModule, run directory, config path) of a checkpoint of
+    ``flatlit fit``; ``arg`` names the command-line argument in errors."""
+    from flatlit.cli import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(ckpt_path)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("ckpt_path:", f"{arg}:", 1)) from None
+    folder = run_dir(ckpt_path)
+    config_path = config or os.path.join(folder, "config.yaml")
+    module, dm = build_from_config(config_path, device)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ConfigError(
+            f"{arg}: {ckpt_path!r} does not match the model of {config_path!r} "
+            f"({' '.join(first[1:3]).strip() or first[0]}); pass the run's own config with --config."
+        ) from None
+    return module, dm, folder, config_path
+
+
+def load_init_state(folder: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+    """The run's initial weights (``model_init.ckpt``, written by the InitialWeights callback), or None."""
+    path = os.path.join(folder, "model_init.ckpt")
+    if not os.path.isfile(path):
+        return None
+    return {k: v.to(device) for k, v in torch.load(path, map_location="cpu")["state_dict"].items()}
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically: a killed process leaves the previous complete file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=float)
+    os.replace(tmp, path)
