@@ -352,7 +352,12 @@ def run(args: list[str] | None = None) -> FlatlitCLI:
         raise SystemExit(2) from None
 
 
-SUBCOMMANDS = {"measure": "flatlit.measure"}  # beyond LightningCLI's fit/validate/test: one module each
+SUBCOMMANDS = {  # beyond LightningCLI's fit/validate/test: one module each
+    "measure": "flatlit.measure",
+    "landscape": "flatlit.landscape_cli",
+    "robustness": "flatlit.robustness_cli",
+    "report": "flatlit.report",
+}
 
 
 def main(args: list[str] | None = None) -> None:
