@@ -1,9 +1,13 @@
-# flatlit: `make demo` trains the quickstart on real Fashion-MNIST; `make test` runs the test suite.
+# flatlit: `make demo` trains LeNet on real Fashion-MNIST with SGD and SAM and writes a report comparing them;
+# `make test` runs the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-DEMO_CONFIG ?= experiments/quickstart/fashion_mnist_sgd.yaml
+FLATLIT := $(VENV)/bin/flatlit
+DEMO := runs/demo
+DEMO_CKPT = $(DEMO)/$(1)/version_0/checkpoints/last.ckpt
+DEMO_SAMPLE := --num_samples 512 --batch_size 256
 
 .PHONY: env demo test lint bench fashion-mnist clean
 
@@ -27,11 +31,35 @@ fashion-mnist:
 		  echo "Could not install dataset-fashion-mnist; flatlit will try to download Fashion-MNIST instead."; \
 	fi
 
-demo: env fashion-mnist
-	$(VENV)/bin/flatlit fit --config $(DEMO_CONFIG)
+# The showcase: SGD and SAM runs with Hessian tracking (experiments/demo/), their loss landscapes, a few measures
+# and robustness numbers, then one report page comparing them. Every step is rerunnable: a finished training is
+# skipped (an interrupted one resumes from its last.ckpt), and landscape/measure/robustness reuse their cached files.
+demo: env fashion-mnist $(DEMO)/sgd/version_0/.done $(DEMO)/sam/version_0/.done
+	$(FLATLIT) landscape --mode interpolate --ckpt_path $(call DEMO_CKPT,sgd) --ckpt_path $(call DEMO_CKPT,sam) \
+		--alphas -0.5:1.5:21 $(DEMO_SAMPLE)
+	for run in sgd sam; do \
+		$(FLATLIT) landscape --mode line --ckpt_path $(DEMO)/$$run/version_0/checkpoints/last.ckpt \
+			--alphas -1:1:21 $(DEMO_SAMPLE) || exit 1; \
+		$(FLATLIT) measure --ckpt_path $(DEMO)/$$run/version_0/checkpoints/last.ckpt $(DEMO_SAMPLE) \
+			--measures sam_sharpness average_sharpness margin distance_from_init param_norm spectral_norm_product \
+			fisher_rao_norm --settings '{average_sharpness: {draws: 20}}' || exit 1; \
+		$(FLATLIT) robustness --ckpt_path $(DEMO)/$$run/version_0/checkpoints/last.ckpt --num_samples 500 \
+			--noise uniform multiplicative --scales 0.003 0.01 0.03 0.1 --draws 3 \
+			--attacks fgsm pgd_linf --eps 2/255 4/255 8/255 --steps 5 || exit 1; \
+	done
+	$(FLATLIT) report $(DEMO)/sgd/version_0 $(DEMO)/sam/version_0 --output $(DEMO)/report
 	@echo ""
-	@echo "TensorBoard logs, history.csv and config.yaml are in: runs/quickstart/"
-	@echo "View them with:  $(VENV)/bin/tensorboard --logdir runs"
+	@echo "Report comparing SGD and SAM: $(DEMO)/report/report.html (figures: $(DEMO)/report/*.png)"
+	@echo "TensorBoard logs: $(VENV)/bin/tensorboard --logdir $(DEMO)"
+
+# One training of the demo: skipped once finished (.done), resumed from last.ckpt after an interruption, trained
+# from scratch when new or when its config changed.
+$(DEMO)/%/version_0/.done: experiments/demo/fashion_mnist_%.yaml | env fashion-mnist
+	@run=$(DEMO)/$*/version_0; ckpt=$$run/checkpoints/last.ckpt; resume=""; \
+	if [ -f $@ ] || [ ! -f $$ckpt ]; then rm -rf $$run; echo "demo: training $* ($<)"; \
+	else resume="--ckpt_path $$ckpt"; echo "demo: resuming $* from $$ckpt"; fi; \
+	$(FLATLIT) fit --config $< $$resume
+	@touch $@
 
 test: env
 	$(PY) -m pytest -q

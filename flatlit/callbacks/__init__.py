@@ -2,6 +2,7 @@
 
 from flatlit.callbacks.curvature import CurvatureCallback, HessianEigenvalues, HessianSpectrum, HessianTrace
 from flatlit.callbacks.history import HistoryCSV
+from flatlit.callbacks.landscape import LossLandscape
 from flatlit.callbacks.measures import ComplexityMeasures, InitialWeights, SharpnessMeasures
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "HessianTrace",
     "HistoryCSV",
     "InitialWeights",
+    "LossLandscape",
     "SharpnessMeasures",
 ]

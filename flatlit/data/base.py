@@ -130,6 +130,18 @@ class FlatlitDataModule(pl.LightningDataModule):
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.image_size, self.image_size)
 
+    @property
+    def normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) of the evaluation transform x ↦ (x − mean) / std on [0, 1] pixels, as copies broadcastable
+        to NCHW ((1, C, 1, 1); a per-pixel mean and one std for ``center``), or None for ``normalize='none'``.
+        Read-only; ``center`` is known after ``setup()``."""
+        stats = getattr(self, "_stats", None)
+        if stats is None:
+            if self.normalize == "center":
+                raise RuntimeError("normalization: 'center' statistics come from the data; call setup() first.")
+            stats = resolve_stats(self.normalize, self.dataset_name)
+        return None if stats is None else (stats[0].clone(), stats[1].clone())
+
     # ---- split / subset / labels, shared by both families -------------------------------------------------------
     def _make_split(self, all_targets: torch.Tensor) -> None:
         train_idx, val_idx = split_indices(len(all_targets), self.val_size, self.split_seed)

@@ -1,0 +1,201 @@
+"""A 1-D loss-landscape slice drawn into TensorBoard during training (Li et al. 2018, arXiv 1712.09913)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
+
+from flatlit.callbacks.curvature import CurvatureCallback, unpack_xy
+from flatlit.errors import ConfigError
+from flatlit.landscape import BIAS_BN, LandscapeResult, compute_surface, random_directions
+from flatlit.nn_utils import preserved_rng
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LossLandscape(Callback):
+    """Every ``every_n_epochs`` epochs, the training loss and accuracy along one filter-normalised random direction,
+    L(w + α·d) for α on a fixed grid, on a fixed seeded sample of the training split.
+
+    d is drawn from N(0, I) with the fixed ``seed`` and rescaled filter by filter to the current weights,
+    d_i ← d_i/‖d_i‖·‖w_i‖ (Li, Xu, Taylor, Studer & Goldstein, "Visualizing the Loss Landscape of Neural Nets",
+    NeurIPS 2018, arXiv 1712.09913), so the slices of successive epochs are comparable. The figure (loss on a log
+    axis, accuracy on a twin axis) goes to TensorBoard as the image ``landscape/line`` (when a logger is a
+    :class:`~lightning.pytorch.loggers.TensorBoardLogger`) and, with the values, to
+    ``<log_dir>/landscape/epoch{E}.png`` and ``.npz``; ``landscape/loss_origin`` and ``landscape/rise`` (mean over α
+    of L(w + α·d) − L(w)) go to every logger.
+
+    Observe, never perturb: the points are written into the module's own parameters and the module comes back bit
+    for bit (weights, BatchNorm buffers, train/eval flags, ``.grad`` and the torch/NumPy/Python RNG states); the
+    optimizer and the training loader are never touched, so a run with this callback trains exactly as one without.
+    Under DDP every rank holds the whole sample and evaluates every world-size-th point; the values are all-reduced
+    and rank 0 draws.
+
+    Args:
+        every_n_epochs: draw at the end of every n-th training epoch.
+        span, resolution: the grid, ``resolution`` evenly spaced α from ``span[0]`` to ``span[1]``.
+        alphas: explicit α values instead (overrides ``span``/``resolution``).
+        num_samples: size of the fixed sample (flatlit DataModules: ``curvature_batches``; otherwise a seeded subset
+            of the training loader's dataset read through a separate loader).
+        batch_size: batch size of the evaluation passes.
+        seed: seed of the sample and of the direction.
+        norm: ``filter`` (Li et al.), ``layer``, ``model`` or None; ``bias_bn``: ``ignore`` (1-D parameters do not
+            move, Li et al.'s default) or ``filter``.
+        bn: ``eval`` (running statistics of the current weights) or ``update`` (re-estimated at every point).
+        at_train_start: also draw before the first step.
+        loss_fn: ``loss_fn(pl_module(x), y)``; default the module's callable ``loss_fn``, else cross-entropy.
+
+    Raises:
+        ConfigError: a bad argument (at construction).
+
+    Example::
+
+        trainer = Trainer(callbacks=[LossLandscape(every_n_epochs=5, span=(-1.0, 1.0), resolution=21)])
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        span: tuple[float, float] = (-1.0, 1.0),
+        resolution: int = 21,
+        alphas: Sequence[float] | None = None,
+        num_samples: int = 500,
+        batch_size: int = 250,
+        seed: int = 0,
+        norm: str | None = "filter",
+        bias_bn: str = "ignore",
+        bn: str = "eval",
+        at_train_start: bool = False,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        for key, val in (("every_n_epochs", every_n_epochs), ("num_samples", num_samples), ("batch_size", batch_size)):
+            if val < 1:
+                raise ConfigError(f"LossLandscape({key}): must be >= 1, got {val}.")
+        if norm not in ("filter", "layer", "model", None):
+            raise ConfigError(f"LossLandscape(norm): 'filter', 'layer', 'model' or None, got {norm!r}.")
+        if bias_bn not in BIAS_BN:
+            raise ConfigError(f"LossLandscape(bias_bn): 'ignore' or 'filter', got {bias_bn!r}.")
+        if bn not in ("eval", "update"):
+            raise ConfigError(f"LossLandscape(bn): 'eval' or 'update', got {bn!r}.")
+        if alphas is not None:
+            grid = np.asarray(list(alphas), dtype=np.float64)
+            if grid.size < 2 or not np.isfinite(grid).all():
+                raise ConfigError(f"LossLandscape(alphas): at least 2 finite values, got {alphas!r}.")
+        else:
+            if resolution < 2:
+                raise ConfigError(f"LossLandscape(resolution): must be >= 2, got {resolution}.")
+            if len(span) != 2 or not np.isfinite(span).all() or span[0] == span[1]:
+                raise ConfigError(f"LossLandscape(span): two different finite ends (a, b), got {span!r}.")
+            grid = np.linspace(float(span[0]), float(span[1]), resolution)
+        self.every_n_epochs, self.alphas = every_n_epochs, grid
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.norm, self.bias_bn, self.bn, self.at_train_start = norm, bias_bn, bn, at_train_start
+        self.loss_fn = loss_fn
+        self.history: dict[str, list] = {"epoch": [], "step": [], "loss": [], "acc": []}
+        self.last_result: LandscapeResult | None = None
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(seed=self.seed, num_samples=self.num_samples)
+
+    # ---- sample ------------------------------------------------------------------------------------------------
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole fixed sample on every rank (the points, not the data, are split across ranks)."""
+        if self._batches is None:
+            dm = trainer.datamodule
+            with preserved_rng():  # a DataLoader's iterator draws its base seed from the global RNG
+                if dm is not None and callable(getattr(dm, "curvature_batches", None)):
+                    try:
+                        raw = dm.curvature_batches(self.num_samples, self.batch_size, self.seed)
+                    except ConfigError as err:
+                        raise ConfigError(f"LossLandscape({err})") from None
+                else:
+                    loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
+                    n = len(loader.dataset)
+                    if self.num_samples > n:
+                        raise ConfigError(
+                            f"LossLandscape(num_samples): asked for {self.num_samples}, the training dataset holds {n}."
+                        )
+                    gen = torch.Generator().manual_seed(self.seed)
+                    idx = torch.randperm(n, generator=gen)[: self.num_samples].sort().values.tolist()
+                    raw = list(DataLoader(Subset(loader.dataset, idx), self.batch_size, collate_fn=loader.collate_fn))
+            self._batches = [unpack_xy(CurvatureCallback.move(b, pl_module), "LossLandscape") for b in raw]
+        return self._batches
+
+    def _loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return pl_module.loss_fn if callable(getattr(pl_module, "loss_fn", None)) else F.cross_entropy
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_start and trainer.global_step == 0:
+            self.draw(trainer, pl_module, "start")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.draw(trainer, pl_module, f"epoch{trainer.current_epoch:03d}")
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> LandscapeResult:
+        """Compute the slice (every rank: a collective under DDP) and draw it (rank 0)."""
+        log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast under DDP: every rank asks
+        batches = self._sample(trainer, pl_module)
+        with preserved_rng():
+            directions = random_directions(pl_module, 1, self.seed, self.norm, self.bias_bn)
+            meta = {"mode": "line", "epoch": trainer.current_epoch, "step": trainer.global_step, "seed": self.seed}
+            meta["labels"] = {"alpha": "α (filter-normalised direction)" if self.norm == "filter" else "α"}
+            result = compute_surface(
+                pl_module, batches, directions, self.alphas, loss_fn=self._loss_fn(pl_module), bn=self.bn, meta=meta
+            )
+        self.last_result = result
+        self.history["epoch"].append(trainer.current_epoch)
+        self.history["step"].append(trainer.global_step)
+        self.history["loss"].append(result.loss.tolist())
+        self.history["acc"].append(result.acc.tolist())
+        self._output(trainer, result, log_dir, name)
+        return result
+
+    @rank_zero_only
+    def _output(self, trainer: pl.Trainer, result: LandscapeResult, log_dir: str | None, name: str) -> None:
+        i0 = int(np.argmin(np.abs(result.alphas)))
+        metrics = {
+            "landscape/loss_origin": float(result.loss[i0]),
+            "landscape/rise": float(np.nanmean(result.loss) - result.loss[i0]),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if log_dir is None:
+            return
+        from matplotlib.image import imread
+
+        from flatlit.landscape.plots import plot_line
+
+        stem = os.path.join(log_dir, "landscape", name)
+        result.save(f"{stem}.npz")
+        png = plot_line(result, f"{stem}.png", title=f"epoch {trainer.current_epoch}, step {trainer.global_step}")
+        image = imread(png)[..., :3]
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("landscape/line", image, trainer.global_step, dataformats="HWC")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state_dict.get("history", self.history).items()}

@@ -1,0 +1,345 @@
+"""``flatlit landscape``: loss and accuracy along lines and planes around a checkpoint, or between two checkpoints.
+
+    flatlit landscape --ckpt_path RUN/checkpoints/last.ckpt --mode line             # 1-D, filter-normalised
+    flatlit landscape --ckpt_path RUN/checkpoints/last.ckpt --mode plane --resolution 21
+    flatlit landscape --ckpt_path A.ckpt --ckpt_path B.ckpt --mode interpolate --alphas -0.5:1.5:41
+    flatlit landscape --ckpt_path RUN/checkpoints/last.ckpt --mode eigen --top_k 3 --alphas -0.5:0.5:41
+
+Modes: ``line``/``plane``: one/two seeded Gaussian filter-normalised directions (Li et al. 2018, arXiv 1712.09913);
+``interpolate``: θ(α) = (1 − α)θ_A + αθ_B over the whole state_dict, BatchNorm statistics included (SPEC F42);
+``eigen``: one line along each of the top-k Hessian eigenvectors (Lanczos, or ``--directions`` an
+``eigenvectors_step*.pt`` of the HessianEigenvalues callback), one file each, with λ_i in its meta (SPEC F44).
+``--alphas a:b:n`` is ``n`` evenly spaced points from a to b (both included). The model and data are rebuilt from
+the run's ``config.yaml`` and the loss is the mean training loss on a fixed seeded sample of the training split.
+
+Results go to ``RUN/landscapes/<mode>_<checkpoint>_<hash of the arguments>.npz`` (or ``--output``; eigen mode
+appends ``_e1``, ``_e2``, ...) with the directions beside it (``.directions.pt``) and the figures (``.png``). The
+file is rewritten every ``--save_every`` points: rerunning the same command after a kill continues where it
+stopped. Other arguments give another default file name (the hash), hence a fresh file; an ``--output`` written
+with other arguments is an error naming the first difference (``--recompute`` overwrites it). Bad input is one
+``flatlit: error: ...`` line (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from flatlit.errors import ConfigError, FlatlitError
+
+MODES = ("line", "plane", "interpolate", "eigen")
+DEFAULT_RANGE = {"line": (-1.0, 1.0), "plane": (-1.0, 1.0), "eigen": (-1.0, 1.0), "interpolate": (-0.5, 1.5)}
+DEFAULT_RESOLUTION = {"line": 51, "plane": 21, "eigen": 51, "interpolate": 41}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flatlit landscape", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_path", action="append", default=[], help="the checkpoint (twice for --mode interpolate)")
+    p.add_argument("--mode", choices=MODES, default="line", help="line, plane, interpolate or eigen (default line)")
+    p.add_argument("--config", help="the run's config (default: config.yaml of the first checkpoint's run directory)")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--resolution", type=int, help="points per axis over the default range (51 lines, 21 planes)")
+    grid.add_argument("--alphas", help="a:b:n, n points from a to b (default -1:1, interpolate -0.5:1.5)")
+    p.add_argument("--betas", help="a:b:n for the second axis of a plane (default: as alphas)")
+    p.add_argument("--bn", choices=("eval", "interpolate", "update"), default=None, help="BatchNorm policy")
+    p.add_argument("--norm", choices=("filter", "layer", "model", "none"), default="filter", help="direction norm")
+    p.add_argument(
+        "--bias_bn", choices=("ignore", "filter"), default="ignore", help="1-D parameters: zero or normalise"
+    )
+    p.add_argument("--num_samples", type=int, default=1000, help="training examples in the fixed sample")
+    p.add_argument("--batch_size", type=int, default=250, help="batch size of the evaluation passes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the directions and Lanczos")
+    p.add_argument("--directions", help="a saved direction set (.pt) or an eigenvectors_step*.pt file")
+    p.add_argument("--top_k", type=int, default=2, help="eigen mode: number of eigenvectors")
+    p.add_argument("--output", help="results .npz (default RUN/landscapes/<mode>_<ckpt>_<hash>.npz)")
+    p.add_argument("--save_every", type=int, default=10, help="write the results every this many points")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--recompute", action="store_true", help="overwrite a results file written with other arguments")
+    p.add_argument("--no_plot", action="store_true", help="write the .npz only")
+    return p
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``flatlit landscape``; returns ``{"results": [npz...], "figures": [png...]}`` (for tests)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    for i in range(len(argv) - 1):  # "--alphas -1:1:51": argparse would read "-1:1:51" as an option
+        if argv[i] in ("--alphas", "--betas") and argv[i + 1].startswith("-"):
+            argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
+    opts = build_parser().parse_args([a for a in argv if a != ""])
+    try:
+        return run(opts)
+    except FlatlitError as err:
+        sys.stderr.write(f"flatlit: error: {err}\n")
+        raise SystemExit(2) from None
+
+
+def parse_range(text: str, arg: str) -> np.ndarray:
+    """``a:b:n`` → ``n`` evenly spaced points from a to b; ConfigError naming ``arg`` otherwise."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        a, b = float(parts[0]), float(parts[1])
+        n = int(parts[2])
+    except ValueError:
+        raise ConfigError(
+            f"{arg}: expected a:b:n (n evenly spaced points from a to b, e.g. -1:1:51), got {text!r}."
+        ) from None
+    if n < 2:
+        raise ConfigError(f"{arg}: empty range {text!r}: the number of points n must be >= 2, got {n}.")
+    if not (np.isfinite(a) and np.isfinite(b)) or a == b:
+        raise ConfigError(f"{arg}: empty range {text!r}: the ends a and b must be finite and differ.")
+    return grid(a, b, n)
+
+
+def grid(a: float, b: float, n: int) -> np.ndarray:
+    """``np.linspace(a, b, n)`` with values within rounding of 0 set to exactly 0 (the origin itself)."""
+    values = np.linspace(a, b, n)
+    values[np.abs(values) <= 1e-12 * max(abs(a), abs(b))] = 0.0
+    return values
+
+
+def _check(opts: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Validate the arguments that need no model; returns (alphas, betas or None, bn policy)."""
+    ckpts = opts.ckpt_path
+    if not ckpts:
+        raise ConfigError("--ckpt_path: required (the checkpoint to analyse); see `flatlit landscape --help`.")
+    if opts.mode == "interpolate" and len(ckpts) != 2:
+        raise ConfigError(
+            f"--ckpt_path: --mode interpolate needs two checkpoints (--ckpt_path A --ckpt_path B), got {len(ckpts)}."
+        )
+    if opts.mode != "interpolate" and len(ckpts) != 1:
+        raise ConfigError(
+            f"--ckpt_path: --mode {opts.mode} takes one checkpoint, got {len(ckpts)}; two are for --mode interpolate."
+        )
+    for key in ("num_samples", "batch_size", "save_every", "top_k"):
+        if getattr(opts, key) < 1:
+            raise ConfigError(f"--{key}: must be >= 1, got {getattr(opts, key)}.")
+    if opts.resolution is not None and opts.resolution < 2:
+        raise ConfigError(f"--resolution: must be >= 2, got {opts.resolution}.")
+    bn = opts.bn or ("interpolate" if opts.mode == "interpolate" else "eval")
+    if bn == "interpolate" and opts.mode != "interpolate":
+        raise ConfigError(f"--bn: 'interpolate' applies to --mode interpolate only (got --mode {opts.mode}).")
+    if opts.directions and opts.mode == "interpolate":
+        raise ConfigError("--directions: --mode interpolate takes its direction from the two checkpoints.")
+    if opts.directions and not os.path.isfile(opts.directions):
+        raise ConfigError(f"--directions: no file at {opts.directions!r}.")
+    if opts.betas is not None and opts.mode != "plane":
+        raise ConfigError(f"--betas: applies to --mode plane only (got --mode {opts.mode}).")
+    lo, hi = DEFAULT_RANGE[opts.mode]
+    res = opts.resolution or DEFAULT_RESOLUTION[opts.mode]
+    alphas = parse_range(opts.alphas, "--alphas") if opts.alphas else grid(lo, hi, res)
+    betas = None
+    if opts.mode == "plane":
+        betas = (
+            parse_range(opts.betas, "--betas") if opts.betas else (alphas.copy() if opts.alphas else grid(lo, hi, res))
+        )
+    return alphas, betas, bn
+
+
+def _default_output(opts: argparse.Namespace, folder: str, key: dict[str, Any]) -> str:
+    stems = "_".join(os.path.splitext(os.path.basename(c))[0] for c in opts.ckpt_path)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return os.path.join(folder, "landscapes", f"{opts.mode}_{stems}_{digest}.npz")
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a line every 10 s: points done/total, elapsed, ETA."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.tty, self.bar = name, sys.stderr.isatty(), None
+        self.start = self.last = time.perf_counter()
+        self.first: int | None = None
+        self.printed = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = done - 1 if done > 0 else 0  # points already in the file when this call started
+        if self.tty:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=self.first, desc=self.name, unit="point", file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+            return
+        if (now - self.last < 10.0 and done < total) or done == self.printed:
+            return
+        self.last, self.printed = now, done
+        new = max(done - self.first, 1)
+        eta = (now - self.start) / new * (total - done)
+        sys.stderr.write(
+            f"{self.name}: {done}/{total} points ({100 * done / total:.0f}%), {now - self.start:.0f} s, "
+            f"ETA {eta:.0f} s\n"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    alphas, betas, bn = _check(opts)
+    from flatlit.cli import read_checkpoint
+    from flatlit.landscape import (
+        compute_surface,
+        eigen_directions,
+        interpolation_direction,
+        is_direction_file,
+        load_directions,
+        load_eigenvectors,
+        random_directions,
+        save_directions,
+    )
+    from flatlit.runs import load_run, sha256
+
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module, dm, folder, config_path = load_run(opts.ckpt_path[0], opts.config, device, arg="--ckpt_path")
+    dm.setup("fit")
+    try:
+        sample = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
+    except ConfigError as err:
+        raise ConfigError(f"--{err}") from None
+    batches = [(x.to(device), y.to(device)) for x, y in sample]
+    norm = None if opts.norm == "none" else opts.norm
+    ckpts = [os.path.abspath(c) for c in opts.ckpt_path]
+    meta: dict[str, Any] = {
+        "mode": opts.mode,
+        "checkpoints": ckpts,
+        "checkpoint_sha256": [sha256(c) for c in ckpts],
+        "config": os.path.abspath(config_path),
+        "directions_file": os.path.abspath(opts.directions) if opts.directions else None,
+        "normalisation": norm if opts.mode in ("line", "plane") else None,
+        "bias_bn": opts.bias_bn if opts.mode in ("line", "plane") else None,
+        "bn": bn,
+        "num_samples": opts.num_samples,
+        "sample_seed": opts.seed,
+        "top_k": opts.top_k if opts.mode == "eigen" else None,
+    }
+    key = {**meta, "alphas": alphas.tolist(), "betas": None if betas is None else betas.tolist()}
+    output = opts.output or _default_output(opts, folder, key)
+    dir_path = f"{os.path.splitext(output)[0]}.directions.pt"
+    resuming = os.path.isfile(output if opts.mode != "eigen" else _eigen_path(output, 0)) and not opts.recompute
+
+    # ---- directions
+    if opts.mode == "interpolate":
+        try:
+            end = read_checkpoint(opts.ckpt_path[1])["state_dict"]
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("ckpt_path:", "--ckpt_path:", 1)) from None
+        try:
+            directions = interpolation_direction(module, end)
+        except ConfigError as err:
+            raise ConfigError(
+                f"--ckpt_path: {opts.ckpt_path[1]!r} does not fit the model of {opts.ckpt_path[0]!r}: {err}"
+            ) from None
+    else:
+        source = opts.directions or (dir_path if resuming and os.path.isfile(dir_path) else None)
+        if source is not None:
+            try:
+                directions = (
+                    load_directions(source, module)
+                    if is_direction_file(source)
+                    else load_eigenvectors(source, module, None)
+                )
+            except ConfigError as err:
+                raise ConfigError(f"--directions: {err}") from None
+        elif opts.mode == "eigen":
+            sys.stderr.write(
+                f"landscape: top-{opts.top_k} Hessian eigenvectors by Lanczos on {opts.num_samples} examples\n"
+            )
+            directions = eigen_directions(module, batches, module.loss_fn, k=opts.top_k, seed=opts.seed)
+        else:
+            num = 2 if opts.mode == "plane" else 1
+            directions = random_directions(module, num, opts.seed, norm, opts.bias_bn)
+        need = {"line": 1, "plane": 2, "eigen": opts.top_k}[opts.mode]
+        if opts.mode == "eigen" and directions.kind != "eigen":
+            raise ConfigError(
+                f"--directions: {source!r} holds {directions.kind} directions; --mode eigen needs Hessian eigenvectors."
+            )
+        if len(directions) < need:
+            raise ConfigError(
+                f"--{'top_k' if opts.mode == 'eigen' else 'directions'}: {opts.mode} needs {need} direction(s); "
+                f"{source!r} holds {len(directions)}."
+            )
+        if source != dir_path:
+            save_directions(directions, dir_path)
+
+    # ---- surfaces
+    jobs: list[tuple[str, Any, dict[str, Any]]] = []
+    if opts.mode == "eigen":
+        lams = directions.meta.get("eigenvalues")
+        for i in range(opts.top_k):
+            extra = {"eigen_index": i + 1, "eigenvalues": lams, "labels": {"alpha": f"α (unit eigenvector e{i + 1})"}}
+            jobs.append((_eigen_path(output, i), directions.select(i), {**meta, **extra}))
+    else:
+        labels = {
+            "line": {"alpha": "α (filter-normalised direction)" if norm == "filter" else "α"},
+            "plane": {"alpha": "α (filter-normalised direction 1)", "beta": "β (filter-normalised direction 2)"}
+            if norm == "filter"
+            else {"alpha": "α", "beta": "β"},
+            "interpolate": {"alpha": "interpolation α (0 = A, 1 = B)"},
+        }[opts.mode]
+        jobs.append((output, directions, {**meta, "labels": labels}))
+    written, figures = [], []
+    for path, dirs, info in jobs:
+        progress = _Progress(f"landscape {os.path.basename(path)}")
+        try:
+            result = compute_surface(
+                module,
+                batches,
+                dirs,
+                alphas,
+                betas,
+                loss_fn=module.loss_fn,
+                bn=bn,
+                path=path,
+                meta=info,
+                save_every=opts.save_every,
+                overwrite=opts.recompute,
+                seed=opts.seed,
+                progress=progress,
+            )
+        except ConfigError as err:
+            raise ConfigError(f"--output: {err}") from None
+        finally:
+            progress.close()
+        written.append(path)
+        if not opts.no_plot:
+            from flatlit.landscape.plots import plot_landscape_file
+
+            figures += plot_landscape_file(path, f"{os.path.splitext(path)[0]}.png")
+        _summary(path, result)
+    if opts.mode == "eigen" and not opts.no_plot and len(written) > 1:
+        from flatlit.landscape.plots import plot_lines
+
+        lams = directions.meta.get("eigenvalues") or []
+        labels = [f"e{i + 1}" + (f" (λ = {lams[i]:.3g})" if i < len(lams) else "") for i in range(len(written))]
+        figures.append(plot_lines(written, labels, f"{os.path.splitext(output)[0]}_eigen.png"))
+    for f in figures:
+        print(f"figure: {f}")
+    return {"results": written, "figures": figures}
+
+
+def _eigen_path(output: str, i: int) -> str:
+    stem, ext = os.path.splitext(output)
+    return f"{stem}_e{i + 1}{ext or '.npz'}"
+
+
+def _summary(path: str, result: Any) -> None:
+    loss = result.loss[np.isfinite(result.loss)]
+    if loss.size:
+        print(
+            f"written: {path} ({int(result.done.sum())}/{result.done.size} points, loss {loss.min():.4g} .. "
+            f"{loss.max():.4g})"
+        )
+    else:
+        print(f"written: {path}")

@@ -1,0 +1,264 @@
+"""``flatlit robustness``: weight-noise and adversarial robustness of a checkpoint, cached in ``robustness.json``.
+
+    flatlit robustness --ckpt_path runs/quickstart/fashion_mnist_sgd/version_0/checkpoints/last.ckpt
+    flatlit robustness --ckpt_path RUN/checkpoints/last.ckpt --noise uniform --scales 0.006 0.01 --draws 10 \\
+        --attacks pgd_linf pgd_l2 --eps 2/255 8/255 --eps_l2 0.25 0.5 --steps 20
+
+The model and data are rebuilt from the run's saved ``config.yaml`` (``--config`` to pass another) and the
+checkpoint's weights are loaded. Everything is measured on one fixed seeded sample of the test split
+(``num_samples``, ``seed``; the evaluation transform): the clean accuracy and loss; for each noise kind and scale,
+the accuracy and loss of ``draws`` networks with noisy weights (mean ± std; SmoothOut's ``evaluate.py --ss``); for
+each attack and ε, the robust accuracy (foolbox, in [0, 1] pixel space, ε in pixel units: ``--eps`` for the L∞
+attacks fgsm and pgd_linf, ``--eps_l2`` for pgd_l2). See docs/robustness.md and :mod:`flatlit.landscape.robustness`.
+
+Results go to ``robustness.json`` beside the checkpoint after every entry, cached by (checkpoint content, entry,
+sample): a second call computes only what is missing, and a call killed half-way keeps what it finished. Bad input
+is one ``flatlit: error: ...`` line (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from fractions import Fraction
+from typing import Any, NoReturn
+
+import torch
+
+from flatlit.errors import ConfigError, FlatlitError
+from flatlit.runs import load_run, sha256, write_json
+
+FORMAT_VERSION = 1
+DEFAULT_SCALES = ("0.001", "0.003", "0.006", "0.01", "0.03", "0.1")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``flatlit: error: ...`` line, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"flatlit: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flatlit.landscape.robustness import ATTACKS, DEFAULT_STEPS, NOISE_KINDS
+
+    p = _Parser(prog="flatlit robustness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_path", help="the checkpoint to evaluate")
+    p.add_argument("--config", help="the run's config (default: config.yaml of the checkpoint's run directory)")
+    p.add_argument(
+        "--noise",
+        nargs="*",
+        default=list(NOISE_KINDS),
+        help=f"weight-noise kinds ({', '.join(NOISE_KINDS)}; none: off)",
+    )
+    p.add_argument(
+        "--scales", nargs="+", default=list(DEFAULT_SCALES), help="noise scales s: w + s·u or w·(1 + s·u), u ~ U(-1, 1)"
+    )
+    p.add_argument("--draws", type=int, default=5, help="seeded noise draws per (kind, scale)")
+    p.add_argument("--attacks", nargs="*", default=list(ATTACKS), help=f"attacks ({', '.join(ATTACKS)}; none: off)")
+    p.add_argument("--eps", nargs="+", default=["8/255"], help="L∞ radii of fgsm and pgd_linf, in pixels (8/255 ok)")
+    p.add_argument("--eps_l2", nargs="+", default=["0.5"], help="L2 radii of pgd_l2, in pixel units")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="PGD steps (step size 2.5·ε/steps)")
+    p.add_argument("--num_samples", type=int, default=1000, help="test examples in the fixed sample")
+    p.add_argument("--batch_size", type=int, default=250, help="batch size of the evaluation passes and attacks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the weight noise and PGD's random start")
+    p.add_argument("--output", default=None, help="results file (default: robustness.json beside the checkpoint)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--recompute", action="store_true", help="ignore cached results")
+    return p
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``flatlit robustness``; returns the results written (tests call it directly)."""
+    opts = build_parser().parse_args(args)
+    try:
+        return run(opts)
+    except FlatlitError as err:
+        sys.stderr.write(f"flatlit: error: {err}\n")
+        raise SystemExit(2) from None
+
+
+# ---- arguments -------------------------------------------------------------------------------------------------------
+def _numbers(name: str, values: list[str]) -> list[float]:
+    """Finite numbers >= 0 (fractions such as 8/255 allowed), deduplicated in order."""
+    out: list[float] = []
+    for text in values:
+        try:
+            value = float(Fraction(text.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"--{name}: {text!r} is not a number (e.g. 0.5 or 8/255).") from None
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"--{name}: must be >= 0, got {text}.")
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def _choices(name: str, what: str, values: list[str], known: tuple[str, ...]) -> list[str]:
+    for v in values:
+        if v not in known:
+            raise ConfigError(f"--{name}: unknown {what} {v!r}; choose from {', '.join(known)}.")
+    return list(dict.fromkeys(values))
+
+
+def _plan(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    """The entries to compute, in order: clean, weight noise per (kind, scale), adversarial per (attack, ε)."""
+    from flatlit.landscape.robustness import ATTACK_NORMS, ATTACKS, NOISE_KINDS
+
+    if not opts.ckpt_path:
+        raise ConfigError("--ckpt_path: required (the checkpoint to evaluate); see `flatlit robustness --help`.")
+    kinds = _choices("noise", "noise kind", opts.noise, NOISE_KINDS)
+    attacks = _choices("attacks", "attack", opts.attacks, ATTACKS)
+    scales, eps, eps_l2 = _numbers("scales", opts.scales), _numbers("eps", opts.eps), _numbers("eps_l2", opts.eps_l2)
+    for key in ("draws", "steps", "num_samples", "batch_size"):
+        if getattr(opts, key) < 1:
+            raise ConfigError(f"--{key}: must be >= 1, got {getattr(opts, key)}.")
+    plan: list[dict[str, Any]] = [{"part": "clean"}]
+    plan += [{"part": "weight_noise", "kind": k, "scale": s, "draws": opts.draws} for k in kinds for s in scales]
+    for a in attacks:
+        steps = None if a == "fgsm" else opts.steps
+        radii = eps_l2 if ATTACK_NORMS[a] == "l2" else eps
+        plan += [{"part": "adversarial", "attack": a, "eps": e, "steps": steps} for e in radii]
+    return plan
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+def sample_test_split(dm: Any, num_samples: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed seeded sample of the test split (sorted positions of a seeded permutation) with the evaluation
+    transform, as CPU (x, y) batches; only the sampled examples are read."""
+    from torch.utils.data import DataLoader, Subset
+
+    dm.setup("fit")  # the normalisation statistics of training ('center' computes them from the training split)
+    dm.setup("test")
+    loader = dm.test_dataloader()
+    in_memory = not isinstance(loader, DataLoader)  # flatlit's InMemoryLoader: images, targets and its transform
+    n = len(loader.targets) if in_memory else len(loader.dataset)
+    if not 1 <= num_samples <= n:
+        raise ConfigError(
+            f"--num_samples: asked for {num_samples} test examples but the test split holds {n}; "
+            f"choose a value in [1, {n}]."
+        )
+    pos = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
+    if in_memory:
+        images, targets = loader.images[pos.to(loader.images.device)], loader.targets[pos.to(loader.targets.device)]
+        return [
+            (loader.transform(images[i : i + batch_size]).cpu(), targets[i : i + batch_size].cpu())
+            for i in range(0, num_samples, batch_size)
+        ]
+    sub = DataLoader(Subset(loader.dataset, pos.tolist()), batch_size=batch_size, num_workers=loader.num_workers)
+    return [(x, y) for x, y in sub]
+
+
+# ---- cache -----------------------------------------------------------------------------------------------------------
+def _load_cache(path: str, digest: str) -> dict[str, Any]:
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("version") == FORMAT_VERSION and data.get("checkpoint", {}).get("sha256") == digest:
+                return dict(data.get("cache") or {})
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass  # a damaged file is recomputed
+    return {}
+
+
+def _describe(item: dict[str, Any]) -> str:
+    if item["part"] == "clean":
+        return "clean"
+    if item["part"] == "weight_noise":
+        return f"{item['kind']} noise s={item['scale']:g}"
+    return f"{item['attack']} eps={item['eps']:.4g}"
+
+
+def _load_inputs(opts: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint's module, the fixed test sample on its device, the DataModule's normalisation, the loss."""
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module, dm, _, _ = load_run(opts.ckpt_path, opts.config, device)
+    sample = sample_test_split(dm, opts.num_samples, opts.batch_size, opts.seed)
+    return {
+        "module": module,
+        "batches": [(x.to(device), y.to(device)) for x, y in sample],
+        "normalization": getattr(dm, "normalization", None),
+        "loss_fn": getattr(module, "loss_fn", torch.nn.functional.cross_entropy),
+    }
+
+
+def _compute(item: dict[str, Any], inputs: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+    from flatlit.landscape import robustness as R
+
+    module, batches, loss_fn = inputs["module"], inputs["batches"], inputs["loss_fn"]
+    if item["part"] == "clean":
+        return R.accuracy_and_loss(module, batches, loss_fn).as_dict()
+    if item["part"] == "weight_noise":
+        return R.weight_noise_robustness(
+            module, batches, item["kind"], item["scale"], item["draws"], opts.seed, loss_fn
+        ).as_dict()
+    return R.adversarial_robustness(
+        module, batches, item["attack"], item["eps"], inputs["normalization"], opts.steps, opts.seed
+    ).as_dict()
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    plan = _plan(opts)
+    output = opts.output or os.path.join(os.path.dirname(os.path.abspath(opts.ckpt_path)), "robustness.json")
+    digest = sha256(opts.ckpt_path) if os.path.isfile(opts.ckpt_path) else None
+    cache = {} if opts.recompute or digest is None else _load_cache(output, digest)
+    sample = {"split": "test", "num_samples": opts.num_samples, "batch_size": opts.batch_size, "seed": opts.seed}
+    keys = [json.dumps({**item, "sample": sample}, sort_keys=True) for item in plan]
+    # the model and data are loaded only when something is missing (this also checks the checkpoint and
+    # --num_samples before any work): a fully cached call reads the checkpoint's bytes and nothing else
+    inputs = _load_inputs(opts) if any(k not in cache for k in keys) else None
+    result: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "checkpoint": {"path": os.path.abspath(opts.ckpt_path), "sha256": digest},
+        "clean": None,
+        "weight_noise": [],
+        "adversarial": [],
+        "cache": cache,
+    }
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()  # a bar on a terminal, a line per entry in a log file
+    bar = tqdm(total=len(plan), desc="robustness", unit="entry", file=sys.stderr, disable=not tty)
+    for i, (item, key) in enumerate(zip(plan, keys)):
+        entry = cache.get(key)
+        if entry is None:
+            bar.set_description(f"robustness ({_describe(item)})")
+            start = time.perf_counter()
+            entry = cache[key] = _compute(item, inputs, opts)
+            if not tty:
+                sys.stderr.write(
+                    f"robustness {i + 1}/{len(plan)}: {_describe(item)} ({time.perf_counter() - start:.1f} s)\n"
+                )
+        if item["part"] == "clean":
+            result["clean"] = entry
+        else:
+            result[item["part"]].append(entry)
+        write_json(output, result)
+        bar.update(1)
+    bar.close()
+    _print_table(result, output)
+    return result
+
+
+def _print_table(result: dict[str, Any], output: str) -> None:
+    c = result["clean"]
+    print(f"clean: acc {c['acc']:.4f}  loss {c['loss']:.4f}  ({c['num_samples']} test examples)")
+    if result["weight_noise"]:
+        print(f"{'weight noise':15s} {'scale':>8s}  {'acc (mean ± std)':>19s}  {'loss (mean ± std)':>21s}  draws")
+        for r in result["weight_noise"]:
+            print(
+                f"{r['kind']:15s} {r['scale']:8.4g}  {r['acc_mean']:8.4f} ± {r['acc_std']:<8.4f}  "
+                f"{r['loss_mean']:10.4g} ± {r['loss_std']:<8.3g}  {r['draws']}"
+            )
+    if result["adversarial"]:
+        print(f"{'attack':15s} {'eps':>8s}  {'steps':>5s}  {'clean acc':>9s}  {'robust acc':>10s}")
+        for r in result["adversarial"]:
+            steps = "-" if r["steps"] is None else str(r["steps"])
+            print(f"{r['attack']:15s} {r['eps']:8.4g}  {steps:>5s}  {r['clean_acc']:9.4f}  {r['robust_acc']:10.4f}")
+    print(f"written: {output}")
