@@ -3,8 +3,9 @@
 For each registered measure: its wall time, and its overhead = wall time / (its counted passes × the measured time of
 one such pass), where a pass over the sample is a no-grad forward, a gradient (forward + backward), an HVP or a
 per-example gradient pass (``torch.func.vmap`` of ``grad`` over the examples, 16 at a time as minimum sharpness
-does), each timed here on the same model and sample (median of ``--repeats``). A ratio near 1 means the measure
-costs what its passes cost; measures that never touch the data (norms) have no ratio. Prints
+does), each timed here on the same model and sample, right before and right after each measure (the mean of the
+two medians: a change of load on a shared machine during the run affects a measure and its units alike). A ratio
+near 1 means the measure costs what its passes cost; measures that never touch the data (norms) have no ratio. Prints
 ``{"overhead": {name: ratio}, "max_overhead": r, "seconds": {name: s}, "unit_seconds": {...}}`` with ``--json``.
 """
 
@@ -60,25 +61,33 @@ def main() -> None:
             for xc, yc in zip(x.split(16), y.split(16)):
                 per_example_grad(theta, xc, yc)
 
-    unit = {
-        "per_example": median_time(per_example_pass, max(1, args.repeats // 2)),
-        "forward": median_time(lambda: mean_loss(module, batches, module.loss_fn), args.repeats),
-        "gradient": median_time(lambda: loss_and_grad(module, params, batches, module.loss_fn), args.repeats),
-        "hvp": median_time(lambda: op.matvec(v), args.repeats),
+    timers = {
+        "per_example": per_example_pass,
+        "forward": lambda: mean_loss(module, batches, module.loss_fn),
+        "gradient": lambda: loss_and_grad(module, params, batches, module.loss_fn),
+        "hvp": lambda: op.matvec(v),
     }
+    repeats = {"per_example": max(1, args.repeats // 2)}
+    unit = {k: median_time(f, repeats.get(k, args.repeats)) for k, f in timers.items()}  # reported
     seconds, overhead = {}, {}
     for name in args.measures or list_measures():
+        # the unit passes a measure counts are timed right before and right after it and averaged, so a change of
+        # load on a shared machine during the run affects the measure and its units alike
+        before = {k: median_time(f, repeats.get(k, 3)) for k, f in timers.items()}
         t = time.perf_counter()
         result = compute_measure(name, inputs)
         seconds[name] = time.perf_counter() - t
-        c = result.cost
-        predicted = (
-            c.forwards * unit["forward"]
-            + c.gradients * unit["gradient"]
-            + c.hvps * unit["hvp"]
-            + c.per_example * unit["per_example"]
-        )
-        overhead[name] = seconds[name] / predicted if predicted > 0 else None
+        counts = {
+            "forward": result.cost.forwards,
+            "gradient": result.cost.gradients,
+            "hvp": result.cost.hvps,
+            "per_example": result.cost.per_example,
+        }
+        if not any(counts.values()):
+            overhead[name] = None
+            continue
+        now = {k: (before[k] + median_time(timers[k], repeats.get(k, 3))) / 2 for k, n in counts.items() if n}
+        overhead[name] = seconds[name] / sum(n * now[k] for k, n in counts.items() if n)
     ratios = [r for r in overhead.values() if r is not None]
     result = {"overhead": overhead, "max_overhead": max(ratios) if ratios else None, "seconds": seconds}
     emit({**result, "unit_seconds": unit}, args.json)

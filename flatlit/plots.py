@@ -22,7 +22,8 @@ DPI = 120
 WIDE = (9.6, 4.0)
 SINGLE = (7.2, 4.2)
 LEGEND_RIGHT = (9.0, 4.2)  # a single plot with its legend outside, on the right
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+#: matplotlib's default cycle (C0, C1, ...), so run i has the same colour here and in flatlit.landscape.plots overlays
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 STYLE = {
     "font.size": 10,
     "axes.titlesize": 11,
@@ -373,17 +374,20 @@ class NoiseCurve:
 def weight_noise_figure(curves: Sequence[NoiseCurve]) -> Figure:
     """Accuracy vs weight-noise scale (mean ± std over draws), dotted: clean accuracy; log x over decades."""
     fig, (ax,) = new_figure(SINGLE)
-    styles = ("-", "--", ":", "-.")
+    styles = ("-", "--", "-.")  # dotted is the clean accuracy
     kinds = sorted({c.kind for c in curves})
+    runs = sorted({c.run for c in curves})
+    log_x = spans_decades(np.concatenate([c.scale for c in curves]), 10.0)
     with matplotlib.rc_context(STYLE):
         handles: list = []
         seen: set[int] = set()
         for c in curves:
             col = color(c.run)
             ls = styles[kinds.index(c.kind) % len(styles)]
-            ax.errorbar(
-                c.scale, c.acc_mean * 100, yerr=c.acc_std * 100, color=col, ls=ls, marker="o", ms=3.5, lw=1.6, capsize=3
-            )
+            shift = (runs.index(c.run) - (len(runs) - 1) / 2) * 0.012  # runs side by side, error bars apart
+            x = c.scale * 10**shift if log_x else c.scale + shift * np.ptp(c.scale if len(c.scale) > 1 else [0, 1])
+            y, err = c.acc_mean * 100, c.acc_std * 100
+            ax.errorbar(x, y, yerr=err, color=col, ls=ls, marker="o", ms=3.5, lw=1.6, capsize=3)
             if c.clean_acc is not None and c.run not in seen:
                 ax.axhline(c.clean_acc * 100, color=col, ls=":", lw=1.0, alpha=0.8)
             if c.run not in seen:
@@ -396,8 +400,7 @@ def weight_noise_figure(curves: Sequence[NoiseCurve]) -> Figure:
             ]
         if any(c.clean_acc is not None for c in curves):
             handles.append(Line2D([], [], color="0.3", ls=":", lw=1.0, label="clean accuracy"))
-        scales = np.concatenate([c.scale for c in curves])
-        if spans_decades(scales, 10.0):
+        if log_x:
             log_axis(ax, "x")
         xlabel = {
             "uniform": "noise scale s: w + s·u, u ~ U(−1, 1) (weight units)",

@@ -491,7 +491,7 @@ def section_eigen(page: Page, runs: list[Run]) -> None:
     page.figure(
         plots.eigen_figure(items),
         "eigenvalues.png",
-        f"Top-{k} Hessian eigenvalues of the training loss on the callback's fixed sample (Lanczos), thick = λ_1. "
+        f"Top-{k} Hessian eigenvalues of the training loss on the callback's fixed sample (Lanczos), thick = λ₁. "
         f"Dashed: the edge-of-stability threshold ({COHEN}): gradient descent on a quadratic with curvature above "
         "it diverges, and full-batch GD hovers at it; mini-batch SGD usually stays below. " + " ".join(captions),
     )
@@ -700,7 +700,7 @@ def section_robustness(page: Page, runs: list[Run]) -> None:
             plots.weight_noise_figure(curves),
             "robustness_weight_noise.png",
             "Accuracy when random noise of the given scale is added to the weights (mean ± std over draws, "
-            "SmoothOut's evaluation); dotted: the clean accuracy. Flatter minima lose less.",
+            "SmoothOut's evaluation); dotted: the clean accuracy. A flatter minimum typically loses less.",
         )
     # adversarial
     attacks: list[plots.Attack] = []
@@ -728,7 +728,7 @@ def section_robustness(page: Page, runs: list[Run]) -> None:
         page.figure(
             plots.adversarial_figure(attacks),
             "robustness_adversarial.png",
-            "Accuracy on adversarially perturbed inputs (ε in the units of the model's input).",
+            "Accuracy on adversarially perturbed inputs (ε in pixel units of [0, 1] images).",
         )
     if not curves and not attacks:
         page.note("robustness.json holds no weight-noise or adversarial results.")
@@ -756,7 +756,7 @@ def _landscape_caption(meta: dict[str, Any], stem: str, runs: list[Run], owner: 
 
     def who(ckpt: str) -> str:
         label = names.get(os.path.dirname(os.path.abspath(ckpt)))
-        return f"{label} ({os.path.basename(ckpt)})" if label else ckpt
+        return f"{label} [{os.path.basename(ckpt)}]" if label else ckpt
 
     ckpts = meta.get("checkpoints") or []
     n = meta.get("num_samples")
@@ -764,7 +764,7 @@ def _landscape_caption(meta: dict[str, Any], stem: str, runs: list[Run], owner: 
     if mode == "interpolate" and len(ckpts) == 2:
         return (
             f"Training loss and accuracy{sample} along the straight line θ(α) = (1 − α)θ_A + αθ_B from A = "
-            f"{who(ckpts[0])} (α = 0) to B = {who(ckpts[1])} (α = 1) [{stem}.npz]."
+            f"{who(ckpts[0])} at α = 0 to B = {who(ckpts[1])} at α = 1 ({stem}.npz)."
         )
     if mode == "eigen":
         where = f"along Hessian eigenvector e{meta.get('eigen_index', '?')}"
@@ -772,7 +772,7 @@ def _landscape_caption(meta: dict[str, Any], stem: str, runs: list[Run], owner: 
         where = "on a plane of two random filter-normalised directions"
     else:
         where = "along a random filter-normalised direction"
-    return f"{owner.label}: training loss and accuracy{sample} {where} [{stem}.npz]."
+    return f"{owner.label}: training loss and accuracy{sample} {where} ({stem}.npz)."
 
 
 def section_landscapes(page: Page, runs: list[Run]) -> None:
@@ -821,8 +821,8 @@ def section_landscapes(page: Page, runs: list[Run]) -> None:
             continue
         page.add_file(
             out,
-            f"The runs' {mode} landscapes overlaid (same grid, sample and direction settings; each run has its own "
-            "random direction, filter-normalised to its weights).",
+            f"The runs' {mode} landscapes overlaid (same grid, sample and seeded direction, normalised to each run's "
+            "weights).",
         )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from flatlit.landscape.surface import LandscapeResult, as_result
 
@@ -57,6 +57,15 @@ def _log_ok(values: np.ndarray) -> bool:
     return finite.size > 0 and bool((finite > 0).all())
 
 
+def _log_axis(ax, values: np.ndarray) -> None:
+    """A log y axis with plain tick labels (1.9, not 1.9 × 10⁰); minor ticks labelled within one decade only."""
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    finite = values[np.isfinite(values)]
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if finite.max() / finite.min() < 10 else NullFormatter())
+
+
 def line_figure(result: LandscapeResult | str, title: str | None = None) -> Figure:
     """The figure of :func:`plot_line` (not saved)."""
     r = as_result(result)
@@ -77,7 +86,7 @@ def line_figure(result: LandscapeResult | str, title: str | None = None) -> Figu
         (h_q,) = ax.plot(r.alphas, l0 + 0.5 * lam * r.alphas**2, "--", color="C2", label=f"L₀ + ½λα², λ = {lam:.3g}")
         handles.append(h_q)
     if _log_ok(r.loss):
-        ax.set_yscale("log")
+        _log_axis(ax, r.loss)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss" + (" (log)" if ax.get_yscale() == "log" else ""))
     if np.isfinite(r.acc).any():
@@ -89,8 +98,8 @@ def line_figure(result: LandscapeResult | str, title: str | None = None) -> Figu
     ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
     if r.meta.get("mode") == "interpolate":
         ax.axvline(1.0, color="0.6", lw=0.8, ls=":")
-    ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center", fontsize=8)
-    ax.set_title(title or _title(r), fontsize=9)
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper center", fontsize=9)
+    ax.set_title(title or _title(r), fontsize=11)
     return fig
 
 
@@ -129,8 +138,8 @@ def contour_figure(result: LandscapeResult | str, title: str | None = None) -> F
     xl, yl = _labels(r)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title or _title(r), fontsize=9)
+    ax.legend(loc="upper right", fontsize=9)
+    ax.set_title(title or _title(r), fontsize=11)
     return fig
 
 
@@ -149,12 +158,12 @@ def surface_figure(result: LandscapeResult | str, title: str | None = None) -> F
     ax = fig.add_subplot(projection="3d")
     ax.plot_surface(X, Y, Z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
     xl, yl = _labels(r)
-    ax.set_xlabel(xl, fontsize=8)
-    ax.set_ylabel(yl, fontsize=8)
-    ax.set_zlabel("training loss", fontsize=8)
+    ax.set_xlabel(xl, fontsize=10)
+    ax.set_ylabel(yl, fontsize=10)
+    ax.set_zlabel("training loss", fontsize=10)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(MaxNLocator(5))
-    ax.set_title(title or _title(r), fontsize=9)
+    ax.set_title(title or _title(r), fontsize=11)
     return fig
 
 
@@ -183,9 +192,11 @@ def lines_figure(paths: Sequence[LandscapeResult | str], labels: Sequence[str] |
         if show_acc:
             axes[1].plot(r.alphas, r.acc, "-", color=f"C{i}", label=lab)
     if all(_log_ok(r.loss) for r in results):
-        axes[0].set_yscale("log")
+        _log_axis(axes[0], np.concatenate([r.loss for r in results]))
     axes[0].set_ylabel("training loss")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=9)
+    kind = "interpolation" if results[0].meta.get("mode") == "interpolate" else "1-D loss landscape"
+    axes[0].set_title(f"{kind} of each solution ({_title(results[0])})", fontsize=11)
     if show_acc:
         axes[1].set_ylabel("training accuracy")
         axes[1].set_ylim(-0.02, 1.02)

@@ -14,6 +14,7 @@ from flatlit.errors import ConfigError
 from flatlit.landscape import (
     DirectionSet,
     LandscapeResult,
+    PointWriter,
     compute_surface,
     eigen_directions,
     gradient_alignment,
@@ -209,3 +210,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="must not be empty"):
         compute_surface(net, batches, one, [])
     assert isinstance(one, DirectionSet)
+
+
+def test_point_writer_ends_are_the_checkpoints_bit_for_bit():
+    a, b = small_net(0), small_net(5)
+    with torch.no_grad():  # mixed magnitudes: A + 1·(B − A) rounds away from B for most entries
+        for p in a.parameters():
+            p.mul_(1e-7)
+    end = {k: v.clone() for k, v in b.state_dict().items()}
+    naive = [x + (end[k] - x) for k, x in a.state_dict().items() if x.is_floating_point()]
+    assert not all(
+        torch.equal(n, end[k]) for n, k in zip(naive, [k for k, x in a.state_dict().items() if x.is_floating_point()])
+    )
+    start = {k: v.clone() for k, v in a.state_dict().items()}
+    writer = PointWriter(a, interpolation_direction(a, end))
+    writer.write(1.0)
+    assert all(torch.equal(v, end[k]) for k, v in a.state_dict().items())
+    writer.write(0.0)
+    assert all(torch.equal(v, start[k]) for k, v in a.state_dict().items())
+    ds = random_directions(a, 2, seed=1)
+    plane = PointWriter(a, ds)
+    plane.write(0.7, -0.3)
+    plane.write(0.0, 0.0)
+    assert all(torch.equal(v, start[k]) for k, v in a.state_dict().items())
