@@ -357,6 +357,8 @@ SUBCOMMANDS = {  # beyond LightningCLI's fit/validate/test: one module each
     "landscape": "flatlit.landscape_cli",
     "robustness": "flatlit.robustness_cli",
     "report": "flatlit.report",
+    "analyze": "flatlit.analyze",
+    "sweep": "flatlit.sweep",
 }
 
 

@@ -1,6 +1,7 @@
 """Lightning callbacks usable in any project."""
 
 from flatlit.callbacks.curvature import CurvatureCallback, HessianEigenvalues, HessianSpectrum, HessianTrace
+from flatlit.callbacks.generalization import GeneralizationTargets
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.callbacks.landscape import LossLandscape
 from flatlit.callbacks.measures import ComplexityMeasures, InitialWeights, SharpnessMeasures
@@ -8,6 +9,7 @@ from flatlit.callbacks.measures import ComplexityMeasures, InitialWeights, Sharp
 __all__ = [
     "ComplexityMeasures",
     "CurvatureCallback",
+    "GeneralizationTargets",
     "HessianEigenvalues",
     "HessianSpectrum",
     "HessianTrace",

@@ -220,6 +220,15 @@ class FlatlitDataModule(pl.LightningDataModule):
         augmentation when ``augment``); under DDP each rank gets its share ``rank::world_size`` (CPU tensors)."""
         raise NotImplementedError
 
+    def evaluation_batches(
+        self, split: str = "train", batch_size: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every example of the ``train`` split (as trained on: subset, noisy labels, fixed input noise) or the
+        ``test`` split, in order, under the evaluation transform; this rank's share ``rank::world_size`` without
+        padding, so sums over ranks count each example once. Batches of ``batch_size`` (default
+        ``eval_batch_size``) are yielded one at a time (CPU tensors), never the whole split at once."""
+        raise NotImplementedError
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -308,6 +317,22 @@ class InMemoryDataModule(FlatlitDataModule):
             (transform(images[i : i + batch_size].cpu(), gen), targets[i : i + batch_size].cpu())
             for i in range(0, len(pos), batch_size)
         ]
+
+    def evaluation_batches(
+        self, split: str = "train", batch_size: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        check_choice("split", split, ("train", "test"))
+        if split == "test" and not hasattr(self, "_test_images"):
+            self.setup("test")
+        images, targets = (
+            (self._train_images, self.train_targets) if split == "train" else (self._test_images, self._test_targets)
+        )
+        pos = torch.arange(len(targets))[rank::world_size]
+        transform = BatchTransform("none", self._stats)
+        size = batch_size or self.eval_batch_size
+        for i in range(0, len(pos), size):
+            sel = pos[i : i + size].to(images.device)
+            yield transform(images[sel]).cpu(), targets[sel.to(targets.device)].cpu()
 
 
 class EpochIndexSampler(StatefulDistributedSampler):
@@ -483,6 +508,28 @@ class FolderDataModule(FlatlitDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._dl(self._eval_ds(self._test_base), False)
+
+    def evaluation_batches(
+        self, split: str = "train", batch_size: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        check_choice("split", split, ("train", "test"))
+        if split == "test":
+            if not hasattr(self, "_test_base"):
+                self.setup("test")
+            idx = torch.arange(len(self._test_base.targets))[rank::world_size]
+            ds = _IndexedDataset(self._test_base, idx, torch.as_tensor(self._test_base.targets)[idx], self._tf(False))
+        else:
+            fixed = self.input_noise if self.input_noise_mode == "fixed" else 0.0  # part of the data trained on
+            pos = torch.arange(len(self.train_indices))[rank::world_size]
+            ds = _IndexedDataset(
+                self._train_base,
+                self.train_indices[pos],
+                self.train_targets[pos],
+                self._tf(False),
+                fixed,
+                self.noise_seed,
+            )
+        yield from DataLoader(ds, batch_size=batch_size or self.eval_batch_size, num_workers=self.num_workers)
 
     def curvature_batches(
         self,

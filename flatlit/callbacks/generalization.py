@@ -1,0 +1,354 @@
+"""Generalization targets measured on the final network, and the "fit the training set" stopping rules.
+
+The training metrics a LightningModule logs (``train/loss``, ``train/acc``) are running means over an epoch of
+changing weights in train mode (dropout on, BatchNorm batch statistics, augmentation). Flat-minima studies define the
+generalization gap, and stop training, on the network itself: one pass over the full training split in eval mode
+(SPEC F19, F56): Jiang et al. 2020, "Fantastic generalization measures and where to find them" (arXiv 1912.02178)
+and the LPF-SGD sharpness-vs-generalization grid stop at training cross-entropy ≤ 0.01; Neyshabur et al. 2017,
+"Exploring generalization in deep learning" (arXiv 1706.08947) stop at training error ≤ 1 %.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, Subset
+from typing_extensions import override
+
+from flatlit.callbacks.curvature import unpack_xy
+from flatlit.callbacks.history import HistoryCSV
+from flatlit.curvature.hvp import evaluation_mode
+from flatlit.errors import ConfigError
+from flatlit.nn_utils import preserved_rng
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GeneralizationTargets(Callback):
+    """Final train/test loss and accuracy over the full splits in eval mode, the generalization gap, and the
+    stopping rules of the flat-minima studies.
+
+    At the end of ``fit`` the network is evaluated, in eval mode (BatchNorm running statistics, dropout off) and
+    under the evaluation transform, on every example of the training split as trained on (subset, noisy labels,
+    fixed input noise) and of the test split. It logs ``final/train_loss``, ``final/train_acc``,
+    ``final/test_loss``, ``final/test_acc``, ``final/gen_gap_acc`` (= train_acc − test_acc) and
+    ``final/gen_gap_loss`` (= test_loss − train_loss) to every logger (at the last step), adds them to the last row
+    of ``history.csv`` and writes them with the run's epoch/step and convergence to ``final_metrics.json`` in the
+    run directory. The loss is the module's ``loss_fn`` (the training objective: label smoothing or the square loss
+    included), else ``loss_fn``, else cross-entropy.
+
+    Stopping rule: every ``every_n_epochs`` epochs the full training split is evaluated the same way (logged as
+    ``full_train/loss`` and ``full_train/acc``); the first time the loss is ≤ ``stop_loss`` or the error
+    (1 − accuracy) is ≤ ``stop_error``, the state is saved as ``converged.ckpt`` (next to the ModelCheckpoint's files,
+    else in ``<log_dir>/checkpoints``) and training stops (``stop=True``; Lightning's ``min_epochs``/``min_steps``
+    still apply).
+
+    Observe, never perturb: the evaluation runs under ``torch.no_grad`` on separate batches (the training loader is
+    never iterated), every module's train flag, the BatchNorm buffers and the torch/NumPy/Python RNG states are
+    restored, so a run with this callback is bit-identical to one without it until it stops. Under DDP each rank
+    evaluates its share of the examples (no padding) with rank 0's buffers (the network its checkpoints hold; its
+    own are restored after) and the sums (loss·n, correct, n) are all-reduced: every rank sees the same exact means
+    and takes the same decision.
+
+    Args:
+        stop_loss: stop once the full-pass training loss is ≤ this value (e.g. 0.01); None: no loss rule.
+        stop_error: stop once the full-pass training error is ≤ this fraction (e.g. 0.01 for 1 %); None: no rule.
+        every_n_epochs: check the rule (and log ``full_train/*``) every n epochs; default 1 when a rule is set,
+            else never (only the final evaluation runs).
+        stop: stop training when the rule is met; False only saves ``converged.ckpt`` and keeps training.
+        test: also evaluate the test split at the end (the ``final/test_*`` and gap values).
+        batch_size: evaluation batch size (default: the DataModule's ``eval_batch_size``, else 256).
+        loss_fn: ``loss_fn(logits, y)``, the batch-mean loss; default: the module's ``loss_fn``, else cross-entropy.
+        save_final: also save the final state as ``final.ckpt`` (``flatlit sweep`` measures it).
+        filename: name of the JSON file written in the run directory.
+
+    Raises:
+        ConfigError: a threshold outside [0, ∞) / [0, 1], or ``every_n_epochs`` < 1.
+
+    With a flatlit DataModule the batches come from ``datamodule.evaluation_batches``; with another DataModule, the
+    training loader's dataset is read through an unshuffled loader (its transform, which may augment) and the test
+    split from ``test_dataloader()``. State (convergence epoch and step) is kept in checkpoints: a run resumed after
+    its convergence stops at once, and one resumed from a checkpoint written before the epoch's check re-checks.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GeneralizationTargets(stop_loss=0.01)])
+    """
+
+    def __init__(
+        self,
+        stop_loss: float | None = None,
+        stop_error: float | None = None,
+        every_n_epochs: int | None = None,
+        stop: bool = True,
+        test: bool = True,
+        batch_size: int | None = None,
+        loss_fn: LossFn | None = None,
+        save_final: bool = False,
+        filename: str = "final_metrics.json",
+    ) -> None:
+        if stop_loss is not None and not stop_loss >= 0:
+            raise ConfigError(f"GeneralizationTargets(stop_loss): must be >= 0 or None, got {stop_loss}.")
+        if stop_error is not None and not 0 <= stop_error <= 1:
+            raise ConfigError(f"GeneralizationTargets(stop_error): must lie in [0, 1] or be None, got {stop_error}.")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ConfigError(f"GeneralizationTargets(every_n_epochs): must be >= 1 or None, got {every_n_epochs}.")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"GeneralizationTargets(batch_size): must be >= 1 or None, got {batch_size}.")
+        has_rule = stop_loss is not None or stop_error is not None
+        self.stop_loss, self.stop_error, self.stop, self.test = stop_loss, stop_error, stop, test
+        self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (1 if has_rule else None)
+        self.batch_size, self.loss_fn, self.save_final, self.filename = batch_size, loss_fn, save_final, filename
+        self.converged: dict[str, int] | None = None  # {"epoch", "step"} of the first time the rule held
+        self.final_metrics: dict[str, Any] | None = None
+        self._last: tuple[int, dict[str, float]] | None = None  # (global_step, train metrics) of the last pass
+        self._train_ended = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(stop_loss=self.stop_loss, stop_error=self.stop_error)
+
+    @property
+    def has_rule(self) -> bool:
+        return self.stop_loss is not None or self.stop_error is not None
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    def _batches(self, trainer: pl.Trainer, split: str, distributed: bool = True) -> Iterable[Any]:
+        rank, world = (trainer.global_rank, trainer.world_size) if distributed else (0, 1)
+        dm = trainer.datamodule
+        if dm is not None and callable(getattr(dm, "evaluation_batches", None)):
+            return dm.evaluation_batches(split, self.batch_size, rank, world)
+        size = self.batch_size or 256
+        if split == "test":
+            if dm is None:
+                raise ConfigError(
+                    "GeneralizationTargets(test): needs a DataModule with test_dataloader(); or test=False."
+                )
+            dm.setup("test")
+            return dm.test_dataloader()  # a DistributedSampler may pad the last batch of some ranks
+        loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
+        if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+            raise ConfigError(
+                "GeneralizationTargets: the training data is not a map-style Dataset behind a DataLoader, so the "
+                "full split cannot be read in order; give the DataModule an evaluation_batches(split, batch_size, "
+                "rank, world_size) method."
+            )
+        subset = Subset(loader.dataset, list(range(len(loader.dataset)))[rank::world])
+        return DataLoader(subset, batch_size=size, shuffle=False, collate_fn=loader.collate_fn)
+
+    def _loss(self, pl_module: pl.LightningModule) -> LossFn:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        fn = getattr(pl_module, "loss_fn", None)
+        return fn if callable(fn) else F.cross_entropy
+
+    def evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, distributed: bool = True
+    ) -> dict[str, float]:
+        """``{"loss", "acc", "n"}`` of ``split``: exact means of sums all-reduced over the ranks (a collective),
+        or of this process's pass over the whole split when not ``distributed``."""
+        loss_fn = self._loss(pl_module)
+        device = pl_module.device
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        with preserved_rng(), evaluation_mode(pl_module), torch.no_grad(), _rank0_buffers(pl_module, distributed):
+            for x, y in _iterate(self._batches(trainer, split, distributed)):
+                x = trainer.precision_plugin.convert_input(x.to(device))
+                y = y.to(device)
+                with trainer.precision_plugin.forward_context():
+                    logits = pl_module(x)
+                n = y.shape[0]
+                sums += torch.stack(
+                    [
+                        loss_fn(logits, y).double() * n,
+                        (logits.argmax(-1) == y).sum().double(),
+                        torch.tensor(float(n), dtype=torch.float64, device=device),
+                    ]
+                )
+        if distributed:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        n = float(sums[2])
+        if n == 0:
+            raise ConfigError(f"GeneralizationTargets: the {split} split is empty.")
+        return {"loss": float(sums[0]) / n, "acc": float(sums[1]) / n, "n": n}
+
+    def _train_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = True
+    ) -> dict[str, float]:
+        if self._last is not None and self._last[0] == trainer.global_step:
+            return self._last[1]
+        metrics = self.evaluate(trainer, pl_module, "train", distributed)
+        self._last = (trainer.global_step, metrics)
+        return metrics
+
+    def rule_met(self, metrics: dict[str, float]) -> bool:
+        """Whether the stopping rule holds for full-pass training metrics ``{"loss", "acc"}``."""
+        by_loss = self.stop_loss is not None and metrics["loss"] <= self.stop_loss
+        by_error = self.stop_error is not None and 1.0 - metrics["acc"] <= self.stop_error
+        return by_loss or by_error
+
+    # ---- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 and trainer.current_epoch == 0:
+            return  # a fresh run
+        if self.converged is not None:
+            if self.stop:
+                trainer.should_stop = True  # a run resumed after it converged is finished
+            return
+        if self.has_rule and trainer.current_epoch > 0 and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # resumed from a checkpoint written after an epoch's last batch, possibly before that epoch's check (a
+            # ModelCheckpoint saving at validation end): Lightning does not rerun the epoch's end, so check here
+            self._check(trainer, pl_module, epoch=trainer.current_epoch - 1, log=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_epochs is None:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        self._check(trainer, pl_module, epoch=trainer.current_epoch, log=True)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, log: bool) -> None:
+        metrics = self._train_metrics(trainer, pl_module)
+        if log:
+            pl_module.log_dict(
+                {"full_train/loss": metrics["loss"], "full_train/acc": metrics["acc"]},
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+            )
+        if self.converged is None and self.has_rule and self.rule_met(metrics):
+            self.converged = {"epoch": epoch, "step": trainer.global_step}
+            trainer.save_checkpoint(self._checkpoint_path(trainer, "converged.ckpt"))  # every rank: a collective
+            if self.stop:
+                trainer.should_stop = True
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._train_ended = False
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
+        log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast under DDP: asked on every rank
+        self._finish(trainer, pl_module, log_dir, distributed=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed from a checkpoint written at the very end of training skips the training loop (no
+        ``on_train_end``): the final evaluation then runs here, after teardown, on the module's current device,
+        on rank 0 alone over the whole splits."""
+        if getattr(self, "_train_ended", True) or trainer.global_rank != 0:
+            return
+        logger = trainer.loggers[0] if trainer.loggers else None
+        log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) if logger else None
+        self._finish(trainer, pl_module, log_dir, distributed=False)
+
+    def _finish(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | None, distributed: bool
+    ) -> None:
+        train = self._train_metrics(trainer, pl_module, distributed)
+        final: dict[str, float] = {"final/train_loss": train["loss"], "final/train_acc": train["acc"]}
+        test: dict[str, float] = {}
+        if self.test:
+            test = self.evaluate(trainer, pl_module, "test", distributed)
+            final.update(
+                {
+                    "final/test_loss": test["loss"],
+                    "final/test_acc": test["acc"],
+                    "final/gen_gap_acc": train["acc"] - test["acc"],
+                    "final/gen_gap_loss": test["loss"] - train["loss"],
+                }
+            )
+        if not all(math.isfinite(v) for v in final.values()):
+            rank_zero_warn(f"GeneralizationTargets: non-finite final metrics {final}.")
+        if self.save_final and (distributed or trainer.world_size == 1):
+            trainer.save_checkpoint(self._checkpoint_path(trainer, "final.ckpt"))  # every rank: a collective
+        self.final_metrics = final
+        for logger in trainer.loggers:
+            logger.log_metrics(final, step=trainer.global_step)  # Lightning's loggers log on rank 0 only
+        if distributed or trainer.world_size == 1:  # HistoryCSV asks trainer.log_dir: every rank must call it
+            for cb in trainer.callbacks:
+                if isinstance(cb, HistoryCSV):
+                    cb.on_train_end(trainer, pl_module)  # completes the last epoch's row first (idempotent)
+                    last = cb.rows[-1] if cb.rows else None
+                    same = last is not None and last.get("step") == trainer.global_step
+                    epoch = last.get("epoch") if same else max(trainer.current_epoch - 1, 0)
+                    cb.add_row(trainer, {"epoch": epoch, "step": trainer.global_step, **final})
+        record = {
+            **final,
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "converged": self.converged is not None,
+            "converged_epoch": None if self.converged is None else self.converged["epoch"],
+            "converged_step": None if self.converged is None else self.converged["step"],
+            "num_train": int(train["n"]),
+            "num_test": int(test["n"]) if test else None,
+            "stop_loss": self.stop_loss,
+            "stop_error": self.stop_error,
+        }
+        if log_dir is not None:
+            _write_json(os.path.join(log_dir, self.filename), record)
+
+    def _checkpoint_path(self, trainer: pl.Trainer, name: str) -> str:
+        folder = None
+        for cb in trainer.checkpoint_callbacks:
+            folder = folder or getattr(cb, "dirpath", None)
+        if folder is None:
+            root = trainer.log_dir if trainer.loggers else None
+            folder = os.path.join(root or trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, name)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"converged": self.converged}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.converged = state_dict.get("converged")
+
+
+@contextmanager
+def _rank0_buffers(pl_module: pl.LightningModule, enabled: bool) -> Iterator[None]:
+    """Under DDP, evaluate with rank 0's buffers (BatchNorm statistics drift apart between DDP's per-forward
+    broadcasts): the network of the checkpoint, on every rank; each rank's own buffers are restored after."""
+    if not (enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    buffers = [b for b in pl_module.buffers() if b.numel() > 0]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        for b in buffers:
+            dist.broadcast(b.data, src=0)
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+
+def _iterate(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """Batches as (x, y) pairs: tuples/lists (first two items) or dicts with x/y-like keys."""
+    for batch in batches:
+        yield unpack_xy(batch, "GeneralizationTargets")
+
+
+@rank_zero_only
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    """Write atomically: the file's presence means the fit finished."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
