@@ -12,6 +12,8 @@ CONFIGS = sorted(
     p
     for p in glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True)
     if os.sep + "_base" + os.sep not in p
+    # sweep files are `flatlit sweep` input (tests/test_sweep.py); their base experiments are checked here
+    and os.path.dirname(p) != os.path.join(ROOT, "experiments", "sweeps")
 )
 
 
