@@ -11,7 +11,10 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import torch
 
+from flatlit.allocator import tune_allocator
 from flatlit.data import FashionMNISTDataModule
+
+tune_allocator()  # as `flatlit` does at start-up: keep freed CPU memory in the process (flatlit/allocator.py)
 
 
 class EpochTimer(pl.Callback):

@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from flatlit.allocator import tune_allocator
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.callbacks.measures import InitialWeights
 from flatlit.data.base import FlatlitDataModule
@@ -366,6 +367,7 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point: ``flatlit fit --config exp.yaml``, ``flatlit measure --ckpt_path ...``; ``args`` lets
     tests call ``main([...])``."""
     argv = sys.argv[1:] if args is None else list(args)
+    tune_allocator()  # keep freed CPU memory in the process (flatlit/allocator.py)
     if argv and argv[0] in SUBCOMMANDS:
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return

@@ -90,6 +90,9 @@ class Sweep:
         self.durations: list[float] = []
         self.start_time = time.time()
         self.workers = opts.workers
+        self._rows: dict[str, Any] = {}  # results.csv rows already read
+        self._written = 0.0
+        self.write_every_s = 0.0 if len(self.trials) <= 100 else 10.0
 
     # ---- planning -------------------------------------------------------------------------------------------------
     def additions(self, trial_id: str, has_save_last: bool, has_generalization: bool) -> list[str]:
@@ -199,7 +202,7 @@ class Sweep:
             )
             conv = f", converged at epoch {final['converged_epoch']}" if final.get("converged") else ""
             self.say(f"{tid} done in {seconds:.1f} s: {shown}{conv}")
-            self.write_results()
+            self.write_results(force=False)
             retry = False
         else:
             reason = str(result.get("reason") or "unknown failure")
@@ -239,11 +242,16 @@ class Sweep:
             f"pending; elapsed {_clock(elapsed)}, ETA {eta}"
         )
 
-    def write_results(self) -> tuple[str, int]:
+    def write_results(self, force: bool = True) -> tuple[str, int] | None:
+        """Rewrite ``results.csv``; during the sweep at most every few seconds (a long sweep has many rows)."""
         from flatlit.sweeps.study import write_results
 
+        if not force and time.time() - self._written < self.write_every_s:
+            return None
         ids = {t.index: tid for tid, t in self.by_id.items()}
-        return write_results(self.spec, self.trials, ids, self.book.latest())
+        out = write_results(self.spec, self.trials, ids, self.book.latest(), self._rows)
+        self._written = time.time()
+        return out
 
 
 @contextlib.contextmanager
@@ -359,7 +367,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
                 executor.run(todo, sweep, **({"adopt": adopt} if opts.executor == "slurm" else {}))
         except KeyboardInterrupt:
             interrupted = True
-        path, rows = sweep.write_results()
+        path, rows = sweep.write_results() or ("", 0)
     c = sweep.counts()
     summary = {
         "name": spec.name,

@@ -6,6 +6,11 @@
 - ``cifar_resnet20/32/44``: He et al.'s 6n+2 CIFAR ResNets (16-32-64 channels, option-A-like 1×1 projection here),
   with ``batch_norm`` off and ``init_scale`` as in Jastrzebski et al.'s ``resnet32_nobn`` (scaled He-normal).
 - ``wrn16_8``, ``wrn28_10``: Wide ResNets (Zagoruyko & Komodakis 2016, arXiv 1605.07146), pre-activation blocks.
+- ``resnet18_narrow(width, skip, batch_norm)``: the narrow ResNet-18 of LPF-SGD's sharpness-vs-generalization grid
+  (Bisla et al. 2022, arXiv 2201.08025, §5; SPEC §5.7, F54): stages of 8w/16w/32w/64w channels, every conv with a
+  bias, Kaiming-normal (fan-out) conv init, and switchable skip connections and BatchNorm.
+- ``resnet18_dd(k)``: the double-descent ResNet-18 of stage widths k/2k/4k/8k (Nakkiran et al. 2019,
+  arXiv 1912.02292; LPF-SGD's width sweep): bias-free convs, BatchNorm, PyTorch's default init.
 """
 
 from __future__ import annotations
@@ -24,21 +29,34 @@ def _norm(c: int, batch_norm: bool) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
+    """Two 3×3 convs; ``skip=False`` drops the residual connection (a plain block); ``bias`` defaults to
+    ``not batch_norm``."""
+
     expansion = 1
 
-    def __init__(self, c_in: int, c: int, stride: int = 1, batch_norm: bool = True) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c: int,
+        stride: int = 1,
+        batch_norm: bool = True,
+        skip: bool = True,
+        bias: bool | None = None,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=not batch_norm)
+        bias = (not batch_norm) if bias is None else bias
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=bias)
         self.bn1 = _norm(c, batch_norm)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=not batch_norm)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=bias)
         self.bn2 = _norm(c, batch_norm)
+        self.skip = skip
         self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=not batch_norm), _norm(c, batch_norm))
+        if skip and (stride != 1 or c_in != c):
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=bias), _norm(c, batch_norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x) if self.skip else out)
 
 
 class Bottleneck(nn.Module):
@@ -74,15 +92,17 @@ class CifarResNet(nn.Module):
         in_channels: int,
         batch_norm: bool = True,
         init_scale: float | None = None,
+        **block_kwargs: bool,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=not batch_norm)
+        bias = block_kwargs.get("bias")
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=(not batch_norm) if bias is None else bias)
         self.bn1 = _norm(widths[0], batch_norm)
         c_in, stages = widths[0], []
         for i, (n, w) in enumerate(zip(num_blocks, widths)):
             blocks = []
             for j in range(n):
-                blocks.append(block(c_in, w, 2 if (i > 0 and j == 0) else 1, batch_norm))
+                blocks.append(block(c_in, w, 2 if (i > 0 and j == 0) else 1, batch_norm, **block_kwargs))
                 c_in = w * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*stages)
@@ -110,6 +130,49 @@ def _kuangliu(block: type, blocks: list[int]):
 register_model("cifar_resnet18")(_kuangliu(BasicBlock, [2, 2, 2, 2]))
 register_model("cifar_resnet50")(_kuangliu(Bottleneck, [3, 4, 6, 3]))
 register_model("cifar_resnet101")(_kuangliu(Bottleneck, [3, 4, 23, 3]))
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@register_model("resnet18_narrow")
+def resnet18_narrow(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+    width: int = 8,
+    skip: bool = True,
+    batch_norm: bool = True,
+) -> nn.Module:
+    """LPF-SGD's narrow ResNet-18: stages of 8·width, 16·width, 32·width, 64·width channels (width 8 is the usual
+    ResNet-18), convs with bias, Kaiming-normal fan-out conv init, BN γ = 1, β = 0; ``skip`` and ``batch_norm``
+    switch the residual connections and the BatchNorm layers (the 2×2 of the paper's grid)."""
+    w = _positive("width", width)
+    model = CifarResNet(
+        BasicBlock,
+        [2, 2, 2, 2],
+        [8 * w, 16 * w, 32 * w, 64 * w],
+        num_classes,
+        in_channels,
+        batch_norm,
+        skip=skip,
+        bias=True,
+    )
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@register_model("resnet18_dd")
+def resnet18_dd(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, k: int = 64) -> nn.Module:
+    """ResNet-18 of stage widths k, 2k, 4k, 8k (k = 64 is the usual ResNet-18) for the double-descent width sweep
+    (Nakkiran et al. 2019, arXiv 1912.02292; LPF-SGD §5): bias-free convs with BatchNorm, PyTorch's default init."""
+    k = _positive("k", k)
+    return CifarResNet(BasicBlock, [2, 2, 2, 2], [k, 2 * k, 4 * k, 8 * k], num_classes, in_channels, True, bias=False)
 
 
 def _he(n: int):

@@ -177,41 +177,57 @@ def _cell(value: Any) -> Any:
     return value if _primitive(value) else json.dumps(value, sort_keys=True)
 
 
+def result_row(spec: SweepSpec, trial: Trial, trial_id: str, attempt: FrozenTrial) -> dict[str, Any] | None:
+    """The ``results.csv`` row of a finished trial (None when its ``final_metrics.json`` is missing)."""
+    run_dir = os.path.join(spec.output, "trials", trial_id)
+    try:
+        with open(os.path.join(run_dir, FINAL_METRICS)) as f:
+            final = json.load(f)
+    except (OSError, ValueError):
+        return None
+    names = list(spec.measures)
+    row: dict[str, Any] = {"trial": trial_id, "run_dir": os.path.relpath(run_dir, spec.output)}
+    row.update({k: _cell(trial.params.get(k)) for k in spec.keys})
+    row.update({k: _cell(final.get(k)) for k in FINAL_KEYS})
+    row.update({f"final/{k}": _cell(final.get(k)) for k in RUN_KEYS})
+    measures = read_measures(run_dir, names, spec.num_samples)
+    row.update({f"measure/{n}": _cell(measures.get(f"measure/{n}")) for n in names})
+    row["seconds"] = _cell(attempt.user_attrs.get("seconds"))
+    return row
+
+
 def write_results(
-    spec: SweepSpec, trials: list[Trial], ids: dict[int, str], latest: dict[str, FrozenTrial]
+    spec: SweepSpec,
+    trials: list[Trial],
+    ids: dict[int, str],
+    latest: dict[str, FrozenTrial],
+    cache: dict[str, tuple[int, dict[str, Any]]] | None = None,
 ) -> tuple[str, int]:
     """Rewrite ``results.csv`` (atomically): one row per finished trial of the sweep file, in trial order.
 
-    Returns the path and the number of rows.
+    ``cache`` (trial id -> (attempt number, row)) keeps rows already read, so a long sweep reads each trial's files
+    once. Returns the path and the number of rows.
     """
-    names = list(spec.measures)
+    cache = {} if cache is None else cache
     rows = []
     for trial in trials:
         tid = ids[trial.index]
         attempt = latest.get(tid)
         if attempt is None or attempt.state != TrialState.COMPLETE:
             continue
-        run_dir = os.path.join(spec.output, "trials", tid)
-        try:
-            with open(os.path.join(run_dir, FINAL_METRICS)) as f:
-                final = json.load(f)
-        except (OSError, ValueError):
-            continue
-        row: dict[str, Any] = {"trial": tid, "run_dir": os.path.relpath(run_dir, spec.output)}
-        row.update({k: _cell(trial.params.get(k)) for k in spec.keys})
-        row.update({k: _cell(final.get(k)) for k in FINAL_KEYS})
-        row.update({f"final/{k}": _cell(final.get(k)) for k in RUN_KEYS})
-        measures = read_measures(run_dir, names, spec.num_samples)
-        row.update({f"measure/{n}": _cell(measures.get(f"measure/{n}")) for n in names})
-        row["seconds"] = _cell(attempt.user_attrs.get("seconds"))
-        rows.append(row)
+        if tid not in cache or cache[tid][0] != attempt.number:
+            row = result_row(spec, trial, tid, attempt)
+            if row is None:
+                continue
+            cache[tid] = (attempt.number, row)
+        rows.append(cache[tid][1])
     columns = [
         "trial",
         "run_dir",
         *spec.keys,
         *FINAL_KEYS,
         *(f"final/{k}" for k in RUN_KEYS),
-        *(f"measure/{n}" for n in names),
+        *(f"measure/{n}" for n in spec.measures),
         "seconds",
     ]
     path = os.path.join(spec.output, "results.csv")

@@ -106,3 +106,47 @@ def test_unknown_activation_is_a_clear_error():
             create_model(arch, activation="swish")
     with pytest.raises(ConfigError, match="accepted: relu, tanh, elu, gelu"):
         create_model("mlp", depth=0, activation="swish")
+
+
+def _conv(c_in, c_out, k, bias):
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def _resnet18_count(widths, bias, bn, skip, classes=10):
+    """Parameters of a [2, 2, 2, 2] BasicBlock ResNet with stage widths ``widths``, counted by hand."""
+    total, c_in = _conv(3, widths[0], 3, bias) + (2 * widths[0] if bn else 0), widths[0]
+    for w in widths:
+        for _ in range(2):
+            total += _conv(c_in, w, 3, bias) + _conv(w, w, 3, bias) + (4 * w if bn else 0)
+            if skip and (c_in != w):
+                total += _conv(c_in, w, 1, bias) + (2 * w if bn else 0)
+            c_in = w
+    return total + c_in * classes + classes
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_resnet18_narrow_matches_the_lpf_grid_architecture(skip, batch_norm):
+    model = create_model("resnet18_narrow", 10, 3, 32, width=1, skip=skip, batch_norm=batch_norm)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == _resnet18_count([8, 16, 32, 64], bias=True, bn=batch_norm, skip=skip)
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == batch_norm
+    # without skip connections a block is exactly relu(bn2(conv2(relu(bn1(conv1(x))))))
+    block = model.layers[1][0].eval()
+    x = torch.randn(2, 8, 16, 16)
+    plain = torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x))))))
+    if skip:
+        plain = torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x))))) + block.shortcut(x))
+    torch.testing.assert_close(block(x), plain)
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_dd_widths():
+    for k in (1, 3):
+        model = create_model("resnet18_dd", 10, 3, 32, k=k)
+        assert sum(p.numel() for p in model.parameters()) == _resnet18_count(
+            [k, 2 * k, 4 * k, 8 * k], False, True, True
+        )
+    with pytest.raises(ConfigError, match="arch_kwargs"):
+        create_model("resnet18_dd", 10, 3, 32, k=0)
