@@ -69,9 +69,10 @@ def quickstart_data(data_dir: str) -> FashionMNISTDataModule:
     return dm
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
-    fn()
+def median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call (unless ``warm_up`` is False)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -4,7 +4,9 @@ For each registered measure: its wall time, and its overhead = wall time / (its 
 one such pass), where a pass over the sample is a no-grad forward, a gradient (forward + backward), an HVP or a
 per-example gradient pass (``torch.func.vmap`` of ``grad`` over the examples, 16 at a time as minimum sharpness
 does), each timed here on the same model and sample, right before and right after each measure (the mean of the
-two medians: a change of load on a shared machine during the run affects a measure and its units alike). A ratio
+two medians: a change of load on a shared machine during the run affects a measure and its units alike). Measures
+and units are timed warm (after one untimed call, as any repeated benchmark does); a measure of under 2 s is the
+median of 5 calls, so a fixed cost of a few milliseconds is not confused with timer noise. A ratio
 near 1 means the measure costs what its passes cost; measures that never touch the data (norms) have no ratio. Prints
 ``{"overhead": {name: ratio}, "max_overhead": r, "seconds": {name: s}, "unit_seconds": {...}}`` with ``--json``.
 """
@@ -20,7 +22,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, median_time, quickstart_data
+from _common import emit, median_time, quickstart_data, timed
 
 from flatlit.curvature import HessianOperator
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
@@ -71,23 +73,28 @@ def main() -> None:
     unit = {k: median_time(f, repeats.get(k, args.repeats)) for k, f in timers.items()}  # reported
     seconds, overhead = {}, {}
     for name in args.measures or list_measures():
-        # the unit passes a measure counts are timed right before and right after it and averaged, so a change of
-        # load on a shared machine during the run affects the measure and its units alike
-        before = {k: median_time(f, repeats.get(k, 3)) for k, f in timers.items()}
+        # a warm-up call first (the unit passes are timed warm too) tells which passes the measure counts; those are
+        # timed right before and right after the timed call(s) and averaged, so a change of load on a shared
+        # machine during the run affects the measure and its units alike
         t = time.perf_counter()
         result = compute_measure(name, inputs)
-        seconds[name] = time.perf_counter() - t
+        warm = time.perf_counter() - t
         counts = {
             "forward": result.cost.forwards,
             "gradient": result.cost.gradients,
             "hvp": result.cost.hvps,
             "per_example": result.cost.per_example,
         }
-        if not any(counts.values()):
+        counts = {k: n for k, n in counts.items() if n}
+        before = {k: median_time(timers[k], repeats.get(k, 3)) for k in counts}
+        # a measure of under 2 s is timed as the median of 5 calls, as the unit passes are
+        call = lambda name=name: compute_measure(name, inputs)  # noqa: E731
+        seconds[name] = median_time(call, 5, warm_up=False) if warm < 2.0 else timed(call)
+        if not counts:
             overhead[name] = None
             continue
-        now = {k: (before[k] + median_time(timers[k], repeats.get(k, 3))) / 2 for k, n in counts.items() if n}
-        overhead[name] = seconds[name] / sum(n * now[k] for k, n in counts.items() if n)
+        now = {k: (before[k] + median_time(timers[k], repeats.get(k, 3))) / 2 for k in counts}
+        overhead[name] = seconds[name] / sum(n * now[k] for k, n in counts.items())
     ratios = [r for r in overhead.values() if r is not None]
     result = {"overhead": overhead, "max_overhead": max(ratios) if ratios else None, "seconds": seconds}
     emit({**result, "unit_seconds": unit}, args.json)
