@@ -538,15 +538,30 @@ def average_over(sweep: Sweep, keys: Sequence[str]) -> tuple[list[dict[str, Any]
     return out, rest
 
 
+def nuisance_keys(hparams: Sequence[str]) -> list[str]:
+    """The hyperparameters that are random seeds (``seed`` in the key): they fix the groups of the granulated τ
+    like any other key and get their own ψ, but Ψ leaves them out — they are repetitions, not design choices."""
+    return [h for h in hparams if "seed" in h.rsplit(".", 1)[-1].lower()]
+
+
+def _nuisance_note(hps: Sequence[str], names: dict[str, str]) -> str:
+    keys = nuisance_keys(hps)
+    if not keys:
+        return ""
+    shown = ", ".join(f"`{names[h]}`" for h in keys)
+    return f" ({shown} fix the groups and get a ψ column but are left out of Ψ: repetitions, not hyperparameters)"
+
+
 def analyze_target(
     rows: list[dict[str, Any]], hparams: list[str], measures: list[str], target: str, bootstrap: int, seed: int
 ) -> TargetResult:
     y = np.array([_num(r.get(target)) for r in rows])
     hp = {h: [r.get(h) for r in rows] for h in hparams}
+    nuisance = nuisance_keys(hparams)
     results = []
     for m in measures:
         x = np.array([_num(r.get(m)) for r in rows])
-        c = correlate(x, y, hp, bootstrap=bootstrap, seed=seed)
+        c = correlate(x, y, hp, bootstrap=bootstrap, seed=seed, nuisance=nuisance)
         results.append((m, c, int((~np.isfinite(x)).sum())))
     results.sort(key=lambda t: (not math.isfinite(t[1].tau), -abs(t[1].tau) if math.isfinite(t[1].tau) else 0))
     return TargetResult(target, len(rows), hparams, results)
@@ -795,7 +810,10 @@ def psi_figure(res: TargetResult, names: dict[str, str]):
 
     target = res.target.removeprefix("final/")
     most = {h: max(c.granulated.groups.get(h, 0) for _, c, _ in res.results) for h in res.hparams}
-    cols = [f"{names[h]}\n({most[h]} groups)" for h in res.hparams] + ["Ψ\n(mean ψ)", "τ\n(all points)"]
+    cols = [f"{names[h]}\n({most[h]} groups)" for h in res.hparams] + [
+        "Ψ\n(mean ψ" + (", seeds out)" if nuisance_keys(res.hparams) else ")"),
+        "τ\n(all points)",
+    ]
     mat = np.array(
         [
             [c.granulated.psi.get(h, math.nan) for h in res.hparams] + [c.granulated.Psi, c.tau]
@@ -972,8 +990,9 @@ def analyze(
         + (f", averaged over {', '.join(names[a] for a in avg)} into {len(data_rows)} points" if avg else "")
         + f"; hyperparameters: {', '.join(counts) or 'none'}."
         f" τ: Kendall's τ-b over all points; Ψ: Jiang et al. 2019's granulated τ (arXiv 1912.02178 §4), the mean over"
-        " hyperparameters i of ψ_i, itself the mean τ over the groups of points where only hyperparameter i changes;"
-        f" ρ: Spearman. Intervals: 95 % percentile bootstrap, {bootstrap} resamples of the points, seed {seed}."
+        " hyperparameters i of ψ_i, itself the mean τ over the groups of points where only hyperparameter i changes"
+        + _nuisance_note(hps, names)
+        + f"; ρ: Spearman. Intervals: 95 % percentile bootstrap, {bootstrap} resamples of the points, seed {seed}."
     )
     md.append("")
     for col in cols if chosen else []:

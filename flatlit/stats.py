@@ -22,7 +22,7 @@ this lets one bootstrap replicate of every group be a few vectorised sums.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,11 +156,17 @@ def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
-def granulated_tau(x: Sequence[float], y: Sequence[float], hparams: Mapping[str, Sequence]) -> Granulated:
-    """ψ_i for every hyperparameter in ``hparams`` (name → one value per trial) and Ψ = mean of the defined ψ_i.
+def granulated_tau(
+    x: Sequence[float], y: Sequence[float], hparams: Mapping[str, Sequence], nuisance: Collection[str] = ()
+) -> Granulated:
+    """ψ_i for every hyperparameter in ``hparams`` (name → one value per trial) and Ψ = mean of the defined ψ_i
+    over the hyperparameters not in ``nuisance``.
 
     Trials with a non-finite ``x`` or ``y`` are left out. A hyperparameter without any group of two comparable
-    trials (e.g. drawn at random, so no two trials share the other values) has ψ_i = NaN and 0 groups.
+    trials (e.g. drawn at random, so no two trials share the other values) has ψ_i = NaN and 0 groups. A nuisance
+    key (the seed) still fixes the groups of the others and gets its own ψ (how a measure follows the gap from seed
+    to seed), but it is not a hyperparameter of the study, so it is left out of Ψ (Jiang et al. 2019 average over
+    the hyperparameter axes only).
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     ones = np.ones((1, len(x)))
@@ -169,7 +175,7 @@ def granulated_tau(x: Sequence[float], y: Sequence[float], hparams: Mapping[str,
         taus = weighted_group_tau(x, y, group_pairs(hparams, name), ones)[0]
         psi[name] = float(_mean(taus))
         groups[name] = int(np.isfinite(taus).sum())
-    vals = np.array(list(psi.values()), float)
+    vals = np.array([v for k, v in psi.items() if k not in nuisance], float)
     return Granulated(psi, groups, float(_mean(vals)) if vals.size else float("nan"))
 
 
@@ -241,15 +247,17 @@ def correlate(
     bootstrap: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    nuisance: Collection[str] = (),
 ) -> Correlation:
     """τ-b (with its p-value), Spearman's ρ and the granulated τ of measure ``x`` against target ``y``, each with a
     percentile bootstrap interval over ``bootstrap`` resamples of the trials where both are finite (seeded: the same
-    inputs give the same intervals). ``bootstrap=0`` skips the intervals (NaN)."""
+    inputs give the same intervals). ``bootstrap=0`` skips the intervals (NaN). ``nuisance``: keys of ``hparams``
+    left out of Ψ (:func:`granulated_tau`)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = _finite(x, y)
     xs, ys = x[ok], y[ok]
     hp = {k: [v for v, keep in zip(vals, ok) if keep] for k, vals in hparams.items()}
-    gran = granulated_tau(xs, ys, hp) if hp else Granulated({}, {}, float("nan"))
+    gran = granulated_tau(xs, ys, hp, nuisance) if hp else Granulated({}, {}, float("nan"))
     nan2 = (float("nan"), float("nan"))
     result = dict(
         n=int(ok.sum()),
@@ -271,6 +279,6 @@ def correlate(
         psis = np.stack([_mean(weighted_group_tau(xs, ys, group_pairs(hp, k), w)) for k in hp], axis=1)
         result["psi_ci"] = {k: _interval(psis[:, i], level) for i, k in enumerate(hp)}
         # Ψ of a replicate: the mean of the ψ_i that are defined in the point estimate (same terms as Ψ itself)
-        defined = [i for i, k in enumerate(hp) if np.isfinite(gran.psi[k])]
+        defined = [i for i, k in enumerate(hp) if np.isfinite(gran.psi[k]) and k not in nuisance]
         result["Psi_ci"] = _interval(_mean(psis[:, defined]), level) if defined else nan2
     return Correlation(**result)

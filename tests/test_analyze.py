@@ -145,6 +145,18 @@ def test_granulated_tau_hand_computed_grid():
     assert g.groups == {"lr": 2, "bs": 2}
     c = stats.correlate([1.0, 2, 3, 4, 5, np.nan], y, hp, bootstrap=0)
     assert c.n == 5 and c.granulated.Psi == pytest.approx(0.5)
+    # a nuisance key (the seed) keeps its ψ but Ψ averages the other keys only
+    g = stats.granulated_tau(x, y, hp, nuisance=["bs"])
+    assert g.psi == pytest.approx({"lr": 2 / 3, "bs": 1 / 3}) and g.Psi == pytest.approx(2 / 3)
+    c = stats.correlate(x, y, hp, bootstrap=200, seed=0, nuisance=["bs"])
+    assert c.granulated.Psi == pytest.approx(2 / 3) and c.Psi_ci[0] <= 2 / 3 <= c.Psi_ci[1]
+
+
+def test_seeds_are_nuisance_keys():
+    from flatlit.analyze import nuisance_keys
+
+    keys = ["seed_everything", "data.init_args.subset_seed", "model.init_args.optimizer.init_args.lr"]
+    assert nuisance_keys(keys) == keys[:2]
 
 
 def test_granulated_tau_matches_scipy_group_loop():
