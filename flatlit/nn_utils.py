@@ -55,3 +55,25 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(state[1])
         np.random.set_state(state[2])
         random.setstate(state[3])
+
+
+@contextmanager
+def rank0_buffers(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Under torch.distributed, run with rank 0's buffers on every rank (BatchNorm statistics drift apart between
+    DDP's per-forward broadcasts, so an eval-mode pass after a step would otherwise see a different network on each
+    rank); each rank's own buffers are restored after, bit for bit."""
+    import torch.distributed as dist
+
+    if not (enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    buffers = [b for b in module.buffers() if b.numel() > 0]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        for b in buffers:
+            dist.broadcast(b.data, src=0)
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)

@@ -44,10 +44,10 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
 from flatlit.callbacks.history import HistoryCSV
-from flatlit.curvature import EigenResult, HessianOperator, hutchinson, lanczos, select_params, slq_density
+from flatlit.curvature import EigenResult, HessianOperator, hutchinson, lanczos, lobpcg, select_params, slq_density
 from flatlit.curvature.hvp import batch_size, evaluation_mode
 from flatlit.errors import ConfigError
-from flatlit.nn_utils import preserved_rng
+from flatlit.nn_utils import preserved_rng, rank0_buffers
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
@@ -356,7 +356,8 @@ class CurvatureCallback(Callback):
         # a collective under DDP: every rank must ask, never inside rank-zero code; files only go to a logger's run
         # directory (without a logger, log_dir would be the working directory)
         self._log_dir = trainer.log_dir if trainer.loggers else None
-        with preserved_rng():
+        # under DDP every rank measures rank 0's network: BN statistics drift apart between DDP's broadcasts
+        with preserved_rng(), rank0_buffers(pl_module):
             start = time.perf_counter()
             finite = all(bool(torch.isfinite(p).all()) for p in self.params(pl_module))
             metrics = self.measure(trainer, pl_module, start)  # non-finite weights give NaN values, not a crash
@@ -375,6 +376,7 @@ class CurvatureCallback(Callback):
         non-finite operator)."""
         op = self.operator(trainer, pl_module)
         op.matvec = self._with_progress(op.matvec, trainer, start)  # type: ignore[method-assign]
+        op.matmat = self._with_progress(op.matmat, trainer, start)  # type: ignore[method-assign]
         metrics = self.compute(trainer, pl_module, op)
         metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         return metrics
@@ -383,11 +385,12 @@ class CurvatureCallback(Callback):
         """``matvec`` that prints a rank-zero line every ``progress_every`` seconds (HVPs done, last residual)."""
         if self.progress_every is None:
             return matvec
-        state = {"count": 0, "next": start + self.progress_every}
+        state = self._progress_state = getattr(self, "_progress_state", None) or {"count": 0}
+        state.update(count=0, next=start + self.progress_every)
 
-        def counted(v: torch.Tensor) -> torch.Tensor:
-            out = matvec(v)
-            state["count"] += 1
+        def counted(v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = matvec(v, *args, **kwargs)
+            state["count"] += 1 if v.ndim == 1 else v.shape[1]
             now = time.perf_counter()
             if now >= state["next"]:
                 state["next"] = now + self.progress_every
@@ -443,11 +446,18 @@ def _cross_entropy_fits(out: Any, y: Any) -> bool:
 
 
 class HessianEigenvalues(CurvatureCallback):
-    """Top-k Hessian eigenvalues of the training loss on a fixed sample, by Lanczos, during training.
+    """Top-k Hessian eigenvalues of the training loss on a fixed sample, during training.
 
     Follows Jastrzębski et al. 2019 ("On the relation between the sharpest directions of DNN loss and the SGD step
-    length", arXiv 1807.05031; SPEC §3.2): k=5 on N=2250 training examples, every epoch. Lanczos with full
-    reorthogonalisation stops when the top-k Ritz pairs have relative residual ≤ ``tol``.
+    length", arXiv 1807.05031; SPEC §3.2): k=5 on N=2250 training examples, every epoch. Either solver stops when
+    the top-k pairs have relative residual ‖Hv − λv‖/|λ| ≤ ``tol``:
+
+    - ``lanczos``: Lanczos with full reorthogonalisation from a seeded start vector, one HVP at a time;
+    - ``block``: block LOBPCG (:func:`~flatlit.curvature.lobpcg`) on batched HVPs (:meth:`HessianOperator.matmat`,
+      one forward and first backward per block), warm-started from the previous measurement's eigenvectors
+      (``warm_start``; they are kept in the callback's checkpoint state, so a resumed run keeps the warm start);
+    - ``auto`` (default): Lanczos for a measurement without a warm start (the first), ``block`` after it — the
+      cheapest correct choice measured by ``benchmarks/curvature.py`` (``tracking_hvps_per_measurement``).
 
     Args:
         top_k: number of eigenvalues (logged as ``hessian/lambda_1..k``, descending; with ``which="SA"``,
@@ -455,6 +465,9 @@ class HessianEigenvalues(CurvatureCallback):
         max_iter: maximum Lanczos iterations (HVPs) per measurement.
         tol: relative Ritz residual for convergence (``hessian/residual_i`` are logged, and ``hessian/converged``).
         which: ``LA`` (largest, default) or ``SA`` (smallest: λ_min).
+        solver: ``auto`` (default), ``lanczos`` or ``block`` (see above).
+        warm_start: start the block solver from the previous measurement's eigenvectors (default True).
+        block_size: columns of the block solver (default ``top_k``; extra columns help clustered spectra).
         save_eigenvectors: save the Ritz vectors of each measurement (``eigenvectors_step{N}.pt``).
         **kwargs: :class:`CurvatureCallback` arguments (num_samples, batch_size, every_n_epochs, ...).
 
@@ -477,9 +490,18 @@ class HessianEigenvalues(CurvatureCallback):
         tol: float = 1e-3,
         which: str = "LA",
         save_eigenvectors: bool = False,
+        solver: str = "auto",
+        warm_start: bool = True,
+        block_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if solver not in ("auto", "lanczos", "block"):
+            raise ConfigError(f"HessianEigenvalues(solver): 'auto', 'lanczos' or 'block', got {solver!r}.")
+        if block_size is not None and block_size < top_k:
+            raise ConfigError(f"HessianEigenvalues(block_size): must be >= top_k={top_k} or None, got {block_size}.")
+        self.solver, self.warm_start, self.block_size = solver, warm_start, block_size
+        self.warm_vectors: torch.Tensor | None = None  # the last measurement's eigenvectors (k × n, on the CPU)
         if top_k < 1:
             raise ConfigError(f"HessianEigenvalues(top_k): must be >= 1, got {top_k}.")
         if which not in ("LA", "SA"):
@@ -488,7 +510,7 @@ class HessianEigenvalues(CurvatureCallback):
             raise ConfigError(f"HessianEigenvalues(max_iter): must be >= top_k={top_k}, got {max_iter}.")
         self.top_k, self.max_iter, self.tol, self.which = top_k, max_iter, tol, which
         self.save_eigenvectors = save_eigenvectors
-        self.history: dict[str, list] = {"step": [], "epoch": [], "eigenvalues": [], "residuals": []}
+        self.history: dict[str, list] = {"step": [], "epoch": [], "eigenvalues": [], "residuals": [], "warm_start": []}
         self.last_result: EigenResult | None = None
         self.last_step: int | None = None
 
@@ -504,19 +526,41 @@ class HessianEigenvalues(CurvatureCallback):
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, op: HessianOperator) -> dict[str, float]:
         if self.num_measurements == 0:  # 2 extra HVPs: probe once per run
             op.check_determinism(self.seed)
-        res = lanczos(
-            op.matvec,
-            op.numel,
-            self.top_k,
-            self.max_iter,
-            self.tol,
-            self.seed,
-            self.which,
-            op.dtype,
-            op.device,
-            return_eigenvectors=True,
-            on_check=self._note_residual,
-        )
+        warm = self.warm_vectors if self.warm_start else None
+        if warm is not None and tuple(warm.shape) != (self.top_k, op.numel):
+            warm = None  # another parameter filter or model: start afresh
+        block = self.solver == "block" or (self.solver == "auto" and warm is not None)
+        if block:
+            res = lobpcg(
+                op.matmat,
+                op.numel,
+                self.top_k,
+                X0=None if warm is None else warm.to(op.device),
+                max_iter=self.max_iter,
+                tol=self.tol,
+                seed=self.seed,
+                which=self.which,
+                dtype=op.dtype,
+                device=op.device,
+                block_size=self.block_size,
+                on_check=self._note_residual,
+            )
+        else:
+            res = lanczos(
+                op.matvec,
+                op.numel,
+                self.top_k,
+                self.max_iter,
+                self.tol,
+                self.seed,
+                self.which,
+                op.dtype,
+                op.device,
+                return_eigenvectors=True,
+                on_check=self._note_residual,
+            )
+        if res.eigenvectors is not None and bool(torch.isfinite(res.eigenvalues).all()):
+            self.warm_vectors = res.eigenvectors.detach().to("cpu", copy=True)
         if bool((res.eigenvalues == 0).all()):
             rank_zero_warn(
                 f"HessianEigenvalues: the Hessian is identically zero at step {trainer.global_step}: the loss does not "
@@ -527,6 +571,7 @@ class HessianEigenvalues(CurvatureCallback):
         self.history["epoch"].append(trainer.current_epoch)
         self.history["eigenvalues"].append(res.eigenvalues.tolist())
         self.history["residuals"].append(res.residuals.tolist())
+        self.history["warm_start"].append(int(block and warm is not None))
         self._save(trainer, res)
         tag = "" if self.which == "LA" else "min_"  # two instances (λ_max and λ_min) must not share names
         metrics = {f"{self.prefix}/lambda_{tag}{i + 1}": float(v) for i, v in enumerate(res.eigenvalues)}
@@ -544,11 +589,16 @@ class HessianEigenvalues(CurvatureCallback):
             torch.save(res.eigenvectors.cpu(), self.save_path(trainer, f"eigenvectors_step{trainer.global_step}.pt"))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": {k: list(v) for k, v in self.history.items()}}
+        state = {**super().state_dict(), "history": {k: list(v) for k, v in self.history.items()}}
+        if self.warm_start and self.warm_vectors is not None:
+            state["warm_vectors"] = self.warm_vectors.clone()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.history = {k: list(v) for k, v in state_dict.get("history", self.history).items()}
+        self.history.update({k: list(v) for k, v in state_dict.get("history", {}).items()})
+        self.history["warm_start"] += [0] * (len(self.history["step"]) - len(self.history["warm_start"]))
+        self.warm_vectors = state_dict.get("warm_vectors")
 
 
 class HessianTrace(CurvatureCallback):

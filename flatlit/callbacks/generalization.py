@@ -14,12 +14,10 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -30,7 +28,7 @@ from flatlit.callbacks.curvature import unpack_xy
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.curvature.hvp import evaluation_mode
 from flatlit.errors import ConfigError
-from flatlit.nn_utils import preserved_rng
+from flatlit.nn_utils import preserved_rng, rank0_buffers
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -161,7 +159,7 @@ class GeneralizationTargets(Callback):
         loss_fn = self._loss(pl_module)
         device = pl_module.device
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        with preserved_rng(), evaluation_mode(pl_module), torch.no_grad(), _rank0_buffers(pl_module, distributed):
+        with preserved_rng(), evaluation_mode(pl_module), torch.no_grad(), rank0_buffers(pl_module, distributed):
             for x, y in _iterate(self._batches(trainer, split, distributed)):
                 x = trainer.precision_plugin.convert_input(x.to(device))
                 y = y.to(device)
@@ -317,25 +315,6 @@ class GeneralizationTargets(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.converged = state_dict.get("converged")
-
-
-@contextmanager
-def _rank0_buffers(pl_module: pl.LightningModule, enabled: bool) -> Iterator[None]:
-    """Under DDP, evaluate with rank 0's buffers (BatchNorm statistics drift apart between DDP's per-forward
-    broadcasts): the network of the checkpoint, on every rank; each rank's own buffers are restored after."""
-    if not (enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        yield
-        return
-    buffers = [b for b in pl_module.buffers() if b.numel() > 0]
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        for b in buffers:
-            dist.broadcast(b.data, src=0)
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in zip(buffers, saved):
-                b.copy_(v)
 
 
 def _iterate(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:

@@ -16,6 +16,7 @@ autograd HVPs bypass DDP's gradient hooks, so the operator must run on the unwra
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from flatlit.nn_utils import frozen_bn_stats, is_bn_param
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_MODE_CACHE: dict[tuple, str] = {}  # (parameter shapes, device, dtype, block width) -> the faster matmat mode
 Batch = Any  # an (x, y) pair, or any collection a ``batch_loss`` closure understands
 BatchLoss = Callable[[Any], torch.Tensor]
 
@@ -101,6 +103,8 @@ class HessianOperator:
         weight_decay: λ of an included L2 penalty ½λ‖θ‖² (adds λv).
         bn_mode: ``eval`` (running statistics) or ``train`` (batch statistics, buffers restored).
         backend: ``double`` or ``func``.
+        chunk_size: columns of a :meth:`matmat` block sharing one forward/first backward (default: all).
+        matmat_mode: ``auto`` (the faster of the two, timed once), ``vmap`` or ``loop`` (see :meth:`matmat`).
         distributed: all-reduce over ``torch.distributed`` (default: when it is initialised).
     """
 
@@ -115,6 +119,8 @@ class HessianOperator:
         backend: str = "double",
         distributed: bool | None = None,
         batch_loss: BatchLoss | None = None,
+        chunk_size: int | None = None,
+        matmat_mode: str = "auto",
     ) -> None:
         if backend not in ("double", "func"):
             raise ValueError(f"backend must be 'double' or 'func', got {backend!r}")
@@ -126,6 +132,11 @@ class HessianOperator:
         self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.weight_decay, self.bn_mode, self.backend = weight_decay, bn_mode, backend
         self.distributed = (dist.is_available() and dist.is_initialized()) if distributed is None else distributed
+        if matmat_mode not in ("auto", "vmap", "loop"):
+            raise ValueError(f"matmat_mode must be 'auto', 'vmap' or 'loop', got {matmat_mode!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        self.chunk_size, self.matmat_mode = chunk_size, matmat_mode
         self.num_matvecs = 0
         p0 = self.params[0]
         self.dtype, self.device = p0.dtype, p0.device
@@ -184,6 +195,108 @@ class HessianOperator:
         return out.to(v.dtype)
 
     __matmul__ = matvec
+
+    def _batch_hmm(self, batch: Batch, cols: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+        """[H_b v_1 … H_b v_k] for one batch, paying the forward and the first backward once: every column is a
+        vector-Jacobian product of the same gradient g(θ) = ∇L_b(θ) (H is symmetric, so vᵀ∂g/∂θ = (Hv)ᵀ).
+        ``vmap``: ``torch.func.vjp`` of ``torch.func.grad`` once, its pullback vectorised over the columns by
+        ``torch.func.vmap`` (reverse-over-reverse, batched); ``loop``: autograd double backward on one retained
+        graph, one column after the other. ``cols[i]`` holds the block of parameter i, shape (k, *p.shape)."""
+        if mode == "vmap":
+            from torch.func import functional_call, grad, vjp, vmap
+
+            closure = _Closure(self.model, self.batch_loss)
+            names = {id(p): n for n, p in closure.named_parameters()}
+            keys = [names[id(p)] for p in self.params]
+            primals = {k: p.detach() for k, p in zip(keys, self.params)}
+
+            def loss_of(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+                return functional_call(closure, ps, (batch,), strict=False)
+
+            _, pullback = vjp(grad(loss_of), primals)
+            (hv,) = vmap(pullback)(dict(zip(keys, cols)))
+            return [hv[k] for k in keys]
+        loss = self.batch_loss(batch)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        used = [i for i, g in enumerate(grads) if g.requires_grad]  # a gradient without graph has zero Hessian rows
+        out = [torch.zeros_like(c) for c in cols]
+        k = cols[0].shape[0]
+        for j in range(k if used else 0):
+            hv = torch.autograd.grad(
+                [grads[i] for i in used],
+                self.params,
+                [cols[i][j] for i in used],
+                retain_graph=j < k - 1,
+                allow_unused=True,
+            )
+            for o, h in zip(out, hv):
+                if h is not None:
+                    o[j] = h
+        return out
+
+    def _auto_mode(self, batch: Batch, cols: list[torch.Tensor]) -> str:
+        """The faster of ``vmap`` and ``loop`` for this model, device and block width, timed once per process."""
+        key = (tuple(tuple(p.shape) for p in self.params), str(self.device), self.dtype, cols[0].shape[0])
+        if key not in _MODE_CACHE:
+            if cols[0].shape[0] == 1:
+                _MODE_CACHE[key] = "loop"
+            else:
+                times = {}
+                for m in ("loop", "vmap", "loop", "vmap"):  # the second round is warm
+                    t = time.perf_counter()
+                    try:
+                        self._batch_hmm(batch, cols, m)
+                    except RuntimeError:  # an op without a batching rule: vmap is not an option here
+                        times[m] = float("inf")
+                        continue
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    times[m] = time.perf_counter() - t
+                _MODE_CACHE[key] = min(times, key=times.__getitem__)
+        return _MODE_CACHE[key]
+
+    def matmat(self, V: torch.Tensor, chunk_size: int | None = None, mode: str | None = None) -> torch.Tensor:
+        """H V for a block ``V`` of shape (n, k) (column j: a vector), returned in ``V``'s dtype.
+
+        Per batch of the sample the forward pass and the first backward are done once per chunk of ``chunk_size``
+        columns (default: all k; lower it to bound memory, which grows with chunk_size × the model's activations),
+        and each column costs only a second backward. ``mode``: ``vmap`` or ``loop`` (see :meth:`_batch_hmm`);
+        default ``self.matmat_mode`` (``auto``: time both once on the first batch and keep the faster). The
+        ``func`` backend computes the columns one by one with :meth:`matvec` (a reference, not fast). Same BN
+        mode, L2 term, parameter filter and all-reduce as :meth:`matvec`; counts k operator applications.
+        """
+        if V.ndim != 2 or V.shape[0] != self.numel:
+            raise ValueError(f"matmat expects a ({self.numel}, k) block, got shape {tuple(V.shape)}")
+        k = V.shape[1]
+        if self.backend == "func":
+            return torch.stack([self.matvec(V[:, j]) for j in range(k)], dim=1)
+        chunk = max(1, min(k, chunk_size or self.chunk_size or k))
+        Vt = V.T.to(self.dtype).contiguous()  # (k, n)
+        total = torch.zeros(k, self.numel, dtype=self.dtype, device=self.device)
+        weight = torch.zeros((), dtype=self.dtype, device=self.device)
+        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model, self.bn_mode):
+            for batch in self.batches:
+                n = float(batch_size(batch))
+                for s in range(0, k, chunk):
+                    block = Vt[s : s + chunk]
+                    sizes = [p.numel() for p in self.params]
+                    cols = [c.reshape(block.shape[0], *p.shape) for c, p in zip(block.split(sizes, 1), self.params)]
+                    use = mode or self.matmat_mode
+                    if use == "auto":
+                        use = self._auto_mode(batch, cols)
+                    hv = self._batch_hmm(batch, cols, use)
+                    flat = torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1)
+                    total[s : s + chunk].add_(flat.detach(), alpha=n)
+                weight += n
+        if self.distributed:
+            stacked = torch.cat([total.reshape(-1), weight.view(1)])
+            dist.all_reduce(stacked)
+            total, weight = stacked[:-1].view(k, self.numel), stacked[-1]
+        out = total / weight
+        if self.weight_decay:
+            out = out + self.weight_decay * Vt
+        self.num_matvecs += k
+        return out.T.to(V.dtype)
 
     def check_determinism(self, seed: int = 0, rtol: float | None = None) -> None:
         """Two matvecs of one vector must agree; raise a clear error naming the likely cause otherwise."""

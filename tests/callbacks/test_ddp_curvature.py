@@ -29,6 +29,19 @@ def test_ddp_eigenvalues_equal_single_process(tmp_path, mnist_dir):
         torch.testing.assert_close(
             torch.tensor(res[r]["eigenvalues"], dtype=torch.float64), ref.eigenvalues, rtol=1e-6, atol=0
         )
+    # batched HVPs: the 2-process all-reduced H V equals one process's on the whole sample
+    module.load_state_dict(res[0]["state"])
+    op = HessianOperator(module, batches, distributed=False)
+    expected = op.matmat(res[0]["V"])
+    torch.testing.assert_close(res[0]["matmat"], res[1]["matmat"], rtol=0, atol=0)
+    for r in range(2):
+        torch.testing.assert_close(res[r]["matmat"], expected, rtol=1e-9, atol=1e-12)
+    # after a step (BN statistics differ between ranks) the block solver on both ranks measures rank 0's network
+    ref = lanczos(op.matvec, op.numel, 3, 300, 1e-10, 0, "LA", torch.float64)
+    for r in range(2):
+        torch.testing.assert_close(
+            torch.tensor(res[r]["after_step"], dtype=torch.float64), ref.eigenvalues[:2], rtol=1e-6, atol=0
+        )
 
 
 @pytest.mark.distributed

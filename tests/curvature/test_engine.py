@@ -10,6 +10,7 @@ from flatlit.curvature import (
     hutchinson,
     hutchpp,
     lanczos,
+    lobpcg,
     power_iteration,
     select_params,
     slq_density,
@@ -172,3 +173,80 @@ def test_slq_density_is_a_density_with_the_right_support():
     near0 = d.density[d.grid.abs() < 0.5]
     dx = float(d.grid[1] - d.grid[0])
     assert abs(float(near4.sum() * dx) - 0.25) < 0.1 and abs(float(near0.sum() * dx) - 0.75) < 0.1
+
+
+# ---- batched HVPs and the block solver ------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, shape", [(tiny_mlp, (5,)), (tiny_cnn, (1, 6, 6))], ids=["mlp", "cnn_bn"])
+@pytest.mark.parametrize("mode", ["vmap", "loop", "auto"])
+def test_matmat_equals_column_by_column_matvec(make, shape, mode):
+    model = make()
+    batches = batches_for(model, shape)
+    op = HessianOperator(model, batches, weight_decay=1e-3, matmat_mode=mode)
+    V = torch.randn(op.numel, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    by_column = torch.stack([op.matvec(V[:, j]) for j in range(4)], dim=1)
+    torch.testing.assert_close(op.matmat(V), by_column, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.matmat(V, chunk_size=3), by_column, rtol=1e-9, atol=1e-12)  # 3 + 1 columns
+    H = exact_hessian(model, batches, weight_decay=1e-3)
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-11)
+    assert op.num_matvecs == 4 + 3 * 4
+
+
+def test_matmat_respects_the_parameter_filter_and_refuses_bad_shapes():
+    model = tiny_cnn()
+    batches = batches_for(model, (1, 6, 6))
+    params = select_params(model, exclude_bn=True)
+    op = HessianOperator(model, batches, params=params)
+    V = torch.randn(op.numel, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    H = exact_hessian(model, batches, params=params)
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="matmat expects"):
+        op.matmat(V.T)
+    with pytest.raises(ValueError, match="matmat_mode"):
+        HessianOperator(model, batches, matmat_mode="fast")
+
+
+def test_lobpcg_top5_matches_eigvalsh_of_exact_hessian():
+    model = tiny_cnn()
+    batches = batches_for(model, (1, 6, 6))
+    H = exact_hessian(model, batches)
+    op = HessianOperator(model, batches)
+    res = lobpcg(op.matmat, op.numel, k=5, max_iter=300, tol=1e-9, dtype=torch.float64)
+    expected = torch.linalg.eigvalsh(H).flip(0)[:5]
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=1e-6, atol=0)
+    assert res.converged and res.num_matvecs == op.num_matvecs
+    for lam, v in zip(res.eigenvalues, res.eigenvectors):  # unit Ritz vectors with the stated residual
+        assert abs(v.norm() - 1) < 1e-9 and (H @ v - lam * v).norm() / abs(lam) <= 1e-9 * 1.01
+
+
+def test_lobpcg_on_known_spectra_clustered_negative_and_smallest():
+    top = torch.tensor([50.0, 20.0, 19.99, 19.98, -3.0]).double()  # a cluster of three and a negative one
+    eigs = torch.cat([top[:4], torch.tensor([-30.0, -29.0]).double(), torch.linspace(-1, 1, 194).double()])
+    A = random_symmetric(200, eigs)
+    res = lobpcg(lambda V: A @ V, 200, k=4, max_iter=500, tol=1e-8, dtype=torch.float64)
+    torch.testing.assert_close(res.eigenvalues, eigs.sort(descending=True).values[:4], rtol=1e-8, atol=0)
+    assert res.converged
+    low = lobpcg(lambda V: A @ V, 200, k=2, max_iter=500, tol=1e-8, which="SA", dtype=torch.float64)
+    torch.testing.assert_close(low.eigenvalues, torch.tensor([-30.0, -29.0]).double(), rtol=1e-8, atol=0)
+    assert low.converged
+    with pytest.raises(ValueError, match="which"):
+        lobpcg(lambda V: A @ V, 200, k=2, which="LM")
+
+
+def test_lobpcg_warm_started_from_the_exact_eigenvectors_converges_in_one_block_iteration():
+    eigs = torch.cat([torch.tensor([9.0, 7.0, 5.0]), torch.linspace(-1, 1, 97)]).double()
+    A = random_symmetric(100, eigs)
+    vecs = torch.linalg.eigh(A).eigenvectors[:, -3:].flip(1)  # columns: the top-3 eigenvectors
+    counted = []
+
+    def matmat(V):
+        counted.append(V.shape[1])
+        return A @ V
+
+    res = lobpcg(matmat, 100, k=3, X0=vecs.T, tol=1e-10, dtype=torch.float64)
+    assert res.converged and counted == [3] and res.num_matvecs == 3  # one Rayleigh-Ritz on X0, no new directions
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([9.0, 7.0, 5.0]).double(), rtol=1e-12, atol=0)
+    # a nearby start (a perturbed previous measurement) to the tracking tolerance: far fewer products than cold
+    noise = 1e-3 * torch.randn(3, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cold = lobpcg(lambda V: A @ V, 100, k=3, tol=1e-3, dtype=torch.float64)
+    near = lobpcg(lambda V: A @ V, 100, k=3, X0=vecs.T + noise, tol=1e-3, dtype=torch.float64)
+    assert near.converged and cold.converged and near.num_matvecs <= cold.num_matvecs / 2
