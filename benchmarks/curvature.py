@@ -5,16 +5,34 @@
   Lanczos (full reorthogonalisation) and by deflated power iteration, on the same operator.
 - ``callback_over_hvp_time``: wall time of a HessianEigenvalues measurement inside ``Trainer.fit`` / (its HVP count ×
   the median HVP time of its operator): the callback's own overhead (sampling, setup, Lanczos bookkeeping).
+- ``matmat_per_vector_over_grad``: median time of ``HessianOperator.matmat`` on 5 vectors / 5 / one gradient (lenet,
+  one batch of 250, the operator's automatically chosen mode).
+- ``tracking_*`` (skipped with ``--tracking-epochs 0``): ``flatlit fit`` of the Hessian quickstart
+  (experiments/quickstart/fashion_mnist_hessian.yaml: lenet, top-5 on 1,000 examples every epoch, tol 1e-3) three
+  times as subprocesses: without the callback, with ``solver=auto`` (block LOBPCG warm-started from the previous
+  eigenvectors after the first measurement) and with ``solver=lanczos`` (cold Lanczos, the default). The callback
+  never changes the trajectory, so the two tracked runs measure the same networks. ``tracking_hvps_per_measurement``:
+  mean operator applications per measurement after the first, {"cold": Lanczos, "warm": auto};
+  ``tracking_overhead``: (time with the warm-started callback) / (time without) − 1 (``tracking_overhead_lanczos``:
+  the same with Lanczos);
+  ``tracking_max_rel_diff``: the largest relative difference between the two solvers' eigenvalues over all
+  measurements (both converge to relative residual 1e-3).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import subprocess
 import sys
+import tempfile
+import time
 
+import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import bench_trainer, emit, median_time
@@ -26,6 +44,8 @@ from flatlit.data import FashionMNISTDataModule
 from flatlit.data.mnist import DEBIAN_FASHION_MNIST
 from flatlit.methods import SGDFamily
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -36,6 +56,7 @@ def main() -> None:
     parser.add_argument("--backend", default="double", choices=["double", "func"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", default=DEBIAN_FASHION_MNIST)
+    parser.add_argument("--tracking-epochs", type=int, default=4, help="epochs of the tracking runs (0: skip them)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -51,6 +72,9 @@ def main() -> None:
     v = torch.randn(one.numel)
     t_grad = median_time(lambda: gradient_time_reference(module, [(x, y)]), args.repeats)
     t_hvp = median_time(lambda: one.matvec(v), args.repeats)
+    V = torch.randn(one.numel, 5)
+    t_matmat = median_time(lambda: one.matmat(V), args.repeats)
+    mode = one.matmat_mode if one.matmat_mode != "auto" else _chosen_mode()
 
     # Lanczos vs deflated power iteration on one operator
     torch.manual_seed(0)
@@ -79,9 +103,13 @@ def main() -> None:
     op2 = HessianOperator(module2, batches, backend=args.backend)
     w = torch.randn(op2.numel)
     t_hvp_full = median_time(lambda: op2.matvec(w), args.repeats)
+    tracking = tracking_runs(args.data_dir, args.tracking_epochs) if args.tracking_epochs > 0 else {}
     emit(
         {
             "hvp_over_grad": t_hvp / t_grad,
+            "matmat_per_vector_over_grad": t_matmat / 5 / t_grad,
+            "matmat_mode": mode,
+            **tracking,
             "lanczos_hvps_top5": lz.num_matvecs,
             "power_hvps_top5": pw.num_matvecs,
             "callback_over_hvp_time": seconds / (hvps * t_hvp_full),
@@ -99,6 +127,63 @@ def main() -> None:
         },
         args.json,
     )
+
+
+def _chosen_mode() -> str:
+    from flatlit.curvature.hvp import _MODE_CACHE
+
+    return ",".join(sorted(set(_MODE_CACHE.values()))) or "?"
+
+
+def _fit(config: dict, folder: str, name: str) -> tuple[float, str]:
+    """``flatlit fit`` of ``config`` in a subprocess; its wall time and run directory."""
+    path = os.path.join(folder, f"{name}.yaml")
+    config = copy.deepcopy(config)
+    config["trainer"]["logger"]["init_args"] = {"save_dir": folder, "name": name, "version": 0}
+    config["trainer"]["enable_progress_bar"] = False
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "flatlit.cli", "fit", "--config", path], check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    return time.perf_counter() - t, os.path.join(folder, name, "version_0")
+
+
+def tracking_runs(data_dir: str, epochs: int) -> dict:
+    with open(os.path.join(ROOT, "experiments", "quickstart", "fashion_mnist_hessian.yaml")) as f:
+        base = yaml.safe_load(f)
+    base["trainer"]["max_epochs"] = epochs
+    base["model"]["init_args"]["lr_scheduler"]["init_args"]["T_max"] = epochs
+    base["data"]["init_args"]["data_dir"] = data_dir
+    plain = copy.deepcopy(base)
+    callbacks = base["trainer"]["callbacks"]
+    plain["trainer"]["callbacks"] = [c for c in callbacks if "HessianEigenvalues" not in c["class_path"]]
+    lanczos_cfg = copy.deepcopy(base)
+    for cfg, solver in ((base, "auto"), (lanczos_cfg, "lanczos")):
+        for c in cfg["trainer"]["callbacks"]:
+            if "HessianEigenvalues" in c["class_path"]:
+                c["init_args"]["solver"] = solver
+    folder = tempfile.mkdtemp(prefix="flatlit-tracking-")
+    t_plain, _ = _fit(plain, folder, "plain")
+    t_warm, warm_dir = _fit(base, folder, "default")
+    t_cold, cold_dir = _fit(lanczos_cfg, folder, "lanczos")
+    warm, cold = np.load(os.path.join(warm_dir, "eigenvalues.npz")), np.load(os.path.join(cold_dir, "eigenvalues.npz"))
+    ew, ec = np.asarray(warm["eigenvalues"]), np.asarray(cold["eigenvalues"])
+    return {
+        "tracking_hvps_per_measurement": {
+            "cold": float(np.mean(cold["hvps"][1:])),
+            "warm": float(np.mean(warm["hvps"][1:])),
+            "warm_over_cold": float(np.mean(warm["hvps"][1:]) / np.mean(cold["hvps"][1:])),
+        },
+        "tracking_overhead": t_warm / t_plain - 1,
+        "tracking_overhead_lanczos": t_cold / t_plain - 1,
+        "tracking_seconds": {"plain": t_plain, "default": t_warm, "lanczos": t_cold},
+        "tracking_hvps": {"default": warm["hvps"].tolist(), "lanczos": cold["hvps"].tolist()},
+        "tracking_eigenvalues": {"default": ew.round(5).tolist(), "lanczos": ec.round(5).tolist()},
+        "tracking_max_rel_diff": float(np.max(np.abs(ew - ec) / np.abs(ec))),
+        "tracking_epochs": epochs,
+    }
 
 
 if __name__ == "__main__":

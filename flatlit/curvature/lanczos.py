@@ -74,7 +74,9 @@ def lanczos(
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, {n}], got {k}")
     max_iter = min(max_iter, n)
-    V = torch.zeros(max_iter + 1, n, dtype=dtype, device=device)
+    # the Krylov basis grows by doubling as it fills (a ResNet-18 at max_iter 100 would otherwise reserve 4.4 GB
+    # up front for a basis that usually stops at a few dozen vectors)
+    V = torch.zeros(min(max_iter + 1, max(2 * k + 2, 16)), n, dtype=dtype, device=device)
     alpha = torch.zeros(max_iter, dtype=torch.float64)
     beta = torch.zeros(max_iter, dtype=torch.float64)
     V[0] = start_vector(n, seed, dtype, device)
@@ -106,6 +108,10 @@ def lanczos(
                 break
         if breakdown:
             break
+        if j + 1 >= V.shape[0]:
+            grown = torch.zeros(min(max_iter + 1, 2 * V.shape[0]), n, dtype=dtype, device=device)
+            grown[: V.shape[0]] = V
+            V = grown
         V[j + 1] = w / beta[j].to(dtype)
     if theta is None:  # fewer iterations than k (tiny n)
         T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)

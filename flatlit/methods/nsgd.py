@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flatlit.curvature import HessianOperator, lanczos, lobpcg
+from flatlit.curvature import HessianOperator, lanczos
 from flatlit.curvature.hvp import flatten, unflatten
 from flatlit.errors import ConfigError
 from flatlit.methods.sgd import SGDFamily
@@ -64,7 +64,6 @@ class NSGD(SGDFamily):
         self.num_samples, self.batch_size, self.max_iter, self.tol = num_samples, batch_size, max_iter, tol
         self.include_l2, self.seed = include_l2, seed
         self.directions: torch.Tensor | None = None  # KK × n, orthonormal rows
-        self._warm: torch.Tensor | None = None  # the last own eigenvectors: the warm start of the next solve
         self.eigen_source = "none"
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -101,33 +100,9 @@ class NSGD(SGDFamily):
         wd = float(self.trainer.optimizers[0].param_groups[0].get("weight_decay", 0.0)) if self.include_l2 else 0.0
         op = HessianOperator(self, batches, self.loss_fn, params, wd)
         state = torch.get_rng_state()
-        warm = self._warm if self._warm is not None and tuple(self._warm.shape) == (self.KK, n) else None
-        if warm is not None:  # the previous epoch's directions: block LOBPCG on batched HVPs, warm-started
-            res = lobpcg(
-                op.matmat,
-                n,
-                self.KK,
-                X0=warm.to(op.device),
-                max_iter=self.max_iter,
-                tol=self.tol,
-                seed=self.seed,
-                dtype=op.dtype,
-                device=op.device,
-            )
-        else:
-            res = lanczos(op.matvec, op.numel, self.KK, self.max_iter, self.tol, self.seed, "LA", op.dtype, op.device)
+        res = lanczos(op.matvec, op.numel, self.KK, self.max_iter, self.tol, self.seed, "LA", op.dtype, op.device)
         torch.set_rng_state(state)
         self.directions, self.eigen_source = res.eigenvectors, "own"
-        self._warm = res.eigenvectors.detach().clone()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._warm is not None:  # a resumed run warm-starts exactly as the uninterrupted one
-            checkpoint["nsgd_warm_start"] = self._warm.detach().cpu()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._warm = checkpoint.get("nsgd_warm_start")
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

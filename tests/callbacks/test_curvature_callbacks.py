@@ -133,7 +133,7 @@ def test_bad_input_is_caught_at_setup(mnist_dir):
 def test_resumed_run_continues_the_series(mnist_dir, tmp_path):
     def run(max_epochs, ckpt=None, folder="full"):
         pl.seed_everything(0)
-        cb = HessianEigenvalues(top_k=2, num_samples=64, batch_size=32, at_train_start=False)
+        cb = HessianEigenvalues(top_k=2, num_samples=64, batch_size=32, at_train_start=False, solver="auto")
         t = trainer(
             max_epochs=max_epochs,
             enable_checkpointing=True,
@@ -151,7 +151,7 @@ def test_resumed_run_continues_the_series(mnist_dir, tmp_path):
     resumed = run(3, ckpt=str(tmp_path / "part" / "last.ckpt"), folder="part")
     assert resumed.history["step"] == full.history["step"] == [8, 16, 24]
     assert resumed.history["eigenvalues"][0] == full.history["eigenvalues"][0]  # restored from the checkpoint
-    # the default solver (auto) warm-starts LOBPCG from the previous eigenvectors; the checkpoint keeps them, so the
+    # solver="auto" warm-starts LOBPCG from the previous eigenvectors; the checkpoint keeps them, so the
     # resumed run's next measurement is warm-started from exactly the vectors the interrupted run ended with
     state = ckpt["callbacks"][part.state_key]
     assert torch.equal(state["warm_vectors"], part.warm_vectors)
