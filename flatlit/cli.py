@@ -35,7 +35,7 @@ from flatlit.allocator import tune_allocator
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.callbacks.measures import InitialWeights
 from flatlit.data.base import FlatlitDataModule
-from flatlit.errors import ConfigError, FlatlitError
+from flatlit.errors import ConfigError, find_user_error
 from flatlit.methods.base import ClassificationModule
 
 #: Config keys that may differ between a checkpoint and the run resuming it (besides ``trainer.*``,
@@ -323,21 +323,6 @@ def _short_error(parser, message: str, ex: Exception | None = None) -> None:
     raise SystemExit(2)
 
 
-def _user_error(exc: BaseException) -> FlatlitError | None:
-    """The FlatlitError behind ``exc`` (jsonargparse wraps errors raised while instantiating classes)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, FlatlitError):
-            return e
-        stack += [e.__cause__, e.__context__]
-    return None
-
-
 def run(args: list[str] | None = None) -> FlatlitCLI:
     """Build and run the CLI; returns it (tests read ``cli.trainer`` and ``cli.model``).
 
@@ -346,7 +331,7 @@ def run(args: list[str] | None = None) -> FlatlitCLI:
     try:
         return FlatlitCLI(args=args)
     except Exception as exc:
-        err = _user_error(exc)
+        err = find_user_error(exc)
         if err is None:
             raise
         sys.stderr.write(f"flatlit: error: {err}\n")

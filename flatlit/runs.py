@@ -4,7 +4,9 @@ with a clear error when they do not match, and write result files atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -23,10 +25,38 @@ def run_dir(ckpt_path: str) -> str:
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
-def build_from_config(config_path: str, device: torch.device | str = "cpu"):
-    """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used)."""
+def instantiate_model_and_data(model: Any, data: Any, seed_everything: Any = 0, silent: bool = False):
+    """The ``FlatlitCLI`` of a config's model and data sections alone: their constructors run with LightningCLI's
+    links and checks; the Trainer it builds (no logger, checkpoints or progress bar) is not used, so Lightning's
+    start-up lines are silenced. ``silent`` also hides every warning and the parser's own stderr (for checking
+    many configs, whose errors arrive as exceptions)."""
     from flatlit.cli import FlatlitCLI
 
+    args = {
+        "model": model,
+        "data": data,
+        "seed_everything": seed_everything,
+        "trainer": {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False},
+    }
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    try:
+        stderr = contextlib.redirect_stderr(io.StringIO()) if silent else contextlib.nullcontext()
+        with warnings.catch_warnings(), stderr:
+            if silent:
+                warnings.simplefilter("ignore")
+            else:
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            return FlatlitCLI(args=args, run=False)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
+def build_from_config(config_path: str, device: torch.device | str = "cpu"):
+    """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used)."""
     if not os.path.isfile(config_path):
         raise ConfigError(
             f"--config: {config_path!r} does not exist; pass the run's config.yaml (written next to its logs)."
@@ -35,23 +65,7 @@ def build_from_config(config_path: str, device: torch.device | str = "cpu"):
         cfg = yaml.safe_load(f) or {}
     if "model" not in cfg or "data" not in cfg:
         raise ConfigError(f"--config: {config_path!r} has no model/data sections; pass the run's config.yaml.")
-    args = {
-        "model": cfg["model"],
-        "data": cfg["data"],
-        "seed_everything": cfg.get("seed_everything", 0),
-        "trainer": {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False},
-    }
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:  # the Trainer built here is not used: its startup lines would only be noise
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = FlatlitCLI(args=args, run=False)
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
+    cli = instantiate_model_and_data(cfg["model"], cfg["data"], cfg.get("seed_everything", 0))
     return cli.model.to(device), cli.datamodule
 
 

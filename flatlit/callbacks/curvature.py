@@ -375,18 +375,18 @@ class CurvatureCallback(Callback):
         """One measurement: the Hessian operator on the sample, then :meth:`compute` (the solvers return NaN for a
         non-finite operator)."""
         op = self.operator(trainer, pl_module)
-        op.matvec = self._with_progress(op.matvec, trainer, start)  # type: ignore[method-assign]
-        op.matmat = self._with_progress(op.matmat, trainer, start)  # type: ignore[method-assign]
+        progress = {"count": 0, "next": start + (self.progress_every or 0.0)}  # shared: HVPs of both kinds
+        op.matvec = self._with_progress(op.matvec, trainer, start, progress)  # type: ignore[method-assign]
+        op.matmat = self._with_progress(op.matmat, trainer, start, progress)  # type: ignore[method-assign]
         metrics = self.compute(trainer, pl_module, op)
         metrics[f"{self.prefix}/{self.cost_name}hvps"] = float(op.num_matvecs)
         return metrics
 
-    def _with_progress(self, matvec: Callable, trainer: pl.Trainer, start: float) -> Callable:
-        """``matvec`` that prints a rank-zero line every ``progress_every`` seconds (HVPs done, last residual)."""
+    def _with_progress(self, matvec: Callable, trainer: pl.Trainer, start: float, state: dict[str, Any]) -> Callable:
+        """``matvec`` (or ``matmat``: one HVP per column) that prints a rank-zero line every ``progress_every``
+        seconds (HVPs done, last residual); ``state`` holds the count and the next print time."""
         if self.progress_every is None:
             return matvec
-        state = self._progress_state = getattr(self, "_progress_state", None) or {"count": 0}
-        state.update(count=0, next=start + self.progress_every)
 
         def counted(v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             out = matvec(v, *args, **kwargs)

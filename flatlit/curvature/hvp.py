@@ -272,6 +272,7 @@ class HessianOperator:
             return torch.stack([self.matvec(V[:, j]) for j in range(k)], dim=1)
         chunk = max(1, min(k, chunk_size or self.chunk_size or k))
         Vt = V.T.to(self.dtype).contiguous()  # (k, n)
+        sizes = [p.numel() for p in self.params]
         total = torch.zeros(k, self.numel, dtype=self.dtype, device=self.device)
         weight = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model, self.bn_mode):
@@ -279,7 +280,6 @@ class HessianOperator:
                 n = float(batch_size(batch))
                 for s in range(0, k, chunk):
                     block = Vt[s : s + chunk]
-                    sizes = [p.numel() for p in self.params]
                     cols = [c.reshape(block.shape[0], *p.shape) for c, p in zip(block.split(sizes, 1), self.params)]
                     use = mode or self.matmat_mode
                     if use == "auto":

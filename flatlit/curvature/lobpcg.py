@@ -108,9 +108,7 @@ def lobpcg(
     AX = apply(X)
     count = X.shape[1]
     P = AP = None
-    theta = torch.zeros(b, dtype=torch.float64)
-    res = torch.full((b,), float("inf"), dtype=torch.float64)
-    for it in range(max_iter + 1):
+    for it in range(max_iter + 1):  # at least once: theta and res are always set
         # Rayleigh-Ritz on S = [X, W, P] (after the first pass S = X only)
         if it == 0:
             S, AS = X, AX

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from flatlit.errors import ConfigError, FlatlitError
+from flatlit.errors import ConfigError, find_user_error
 from flatlit.sweeps.spec import SweepSpec, Trial, params_key, trial_args
 
 
@@ -69,34 +68,19 @@ class ConfigChecker:
 
     def instantiate(self, cfg: Any) -> None:
         """Build the model and DataModule of a parsed config (no Trainer): their constructors' checks."""
-        from flatlit.cli import FlatlitCLI
+        from flatlit.runs import instantiate_model_and_data
 
         dump = yaml.safe_load(self.parser.dump(cfg, skip_link_targets=False))["fit"]
-        args = {
-            "model": dump["model"],
-            "data": dump["data"],
-            "seed_everything": dump.get("seed_everything", 0),
-            "trainer": {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False},
-        }
-        quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-        levels = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.WARNING)
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                FlatlitCLI(args=args, run=False)
+            instantiate_model_and_data(dump["model"], dump["data"], dump.get("seed_everything", 0), silent=True)
         except SystemExit:
             raise ConfigError("refused by the LightningCLI parser") from None
         except Exception as exc:
-            err = _flatlit_error(exc)
+            err = find_user_error(exc)
             if err is not None:
                 raise ConfigError(str(err)) from None
             first = str(exc).strip().splitlines()
             raise ConfigError(f"{type(exc).__name__}: {first[0] if first else ''}") from None
-        finally:
-            for lg, level in zip(quiet, levels):
-                lg.setLevel(level)
 
     def base_info(self) -> BaseInfo:
         """Parse the base config alone (errors name ``config``) and read its callbacks."""
@@ -154,18 +138,3 @@ class ConfigChecker:
                 if first_time and named not in spec.keys and named != key:  # a setting of the base config
                     raise ConfigError(f"config: {', '.join(self.configs)}: {err}") from None
                 raise ConfigError(f"{where}.{key}: value {value!r} is refused: {err}") from None
-
-
-def _flatlit_error(exc: BaseException) -> FlatlitError | None:
-    """The FlatlitError behind ``exc`` (jsonargparse wraps errors raised while instantiating classes)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, FlatlitError):
-            return e
-        stack += [e.__cause__, e.__context__]
-    return None
