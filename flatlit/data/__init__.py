@@ -1,9 +1,11 @@
-"""DataModules: MNIST, Fashion-MNIST, CIFAR-10/100 (in memory), TinyImageNet and ImageNet (folders)."""
+"""DataModules: MNIST, Fashion-MNIST, CIFAR-10/100 (in memory), TinyImageNet and ImageNet (folders), parallel text
+and a synthetic translation task (sequence-to-sequence)."""
 
 from flatlit.data.base import FlatlitDataModule, FolderDataModule, InMemoryDataModule
 from flatlit.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from flatlit.data.folders import ImageNetDataModule, TinyImageNetDataModule
 from flatlit.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from flatlit.data.text import ParallelTextDataModule, SyntheticTranslationDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -14,5 +16,7 @@ __all__ = [
     "ImageNetDataModule",
     "InMemoryDataModule",
     "MNISTDataModule",
+    "ParallelTextDataModule",
+    "SyntheticTranslationDataModule",
     "TinyImageNetDataModule",
 ]

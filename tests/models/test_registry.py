@@ -13,6 +13,11 @@ def test_every_registered_model_forward(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7, in_channels=c, image_size=s)
     model.train()
+    if getattr(model, "input_kind", "images") == "tokens":  # sequence models: (src, tgt_in) -> (B, T, vocab)
+        out = model(torch.randint(1, 7, (2, 5)), torch.randint(1, 7, (2, 4)))
+        assert out.shape == (2, 4, 7) and torch.isfinite(out).all()
+        out.sum().backward()
+        return
     out = model(torch.randn(2, c, s, s))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     out.sum().backward()
