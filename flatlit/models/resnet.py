@@ -4,7 +4,8 @@
   3×3 stem with 64 channels and no max-pool, stages [2,2,2,2] (basic) / [3,4,6,3] / [3,4,23,3] (bottleneck),
   4×4 average pool.
 - ``cifar_resnet20/32/44``: He et al.'s 6n+2 CIFAR ResNets (16-32-64 channels, option-A-like 1×1 projection here),
-  with ``batch_norm`` off and ``init_scale`` as in Jastrzebski et al.'s ``resnet32_nobn`` (scaled He-normal).
+  with ``batch_norm`` off and ``init_scale`` as in Jastrzebski et al.'s ``resnet32_nobn`` (scaled He-normal), and
+  ``relu_noise`` for SmoothOut's NoisyReLU.
 - ``wrn16_8``, ``wrn28_10``: Wide ResNets (Zagoruyko & Komodakis 2016, arXiv 1605.07146), pre-activation blocks.
 - ``resnet18_narrow(width, skip, batch_norm)``: the narrow ResNet-18 of LPF-SGD's sharpness-vs-generalization grid
   (Bisla et al. 2022, arXiv 2201.08025, §5; SPEC §5.7, F54): stages of 8w/16w/32w/64w channels, every conv with a
@@ -16,11 +17,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatlit.models.noisy_relu import relu
 from flatlit.models.registry import register_model
 
 
@@ -42,9 +45,11 @@ class BasicBlock(nn.Module):
         batch_norm: bool = True,
         skip: bool = True,
         bias: bool | None = None,
+        relu_noise: float = 0.0,
     ) -> None:
         super().__init__()
         bias = (not batch_norm) if bias is None else bias
+        self.act1, self.act2 = relu(relu_noise), relu(relu_noise)
         self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=bias)
         self.bn1 = _norm(c, batch_norm)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=bias)
@@ -55,8 +60,8 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=bias), _norm(c, batch_norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x) if self.skip else out)
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x) if self.skip else out)
 
 
 class Bottleneck(nn.Module):
@@ -92,10 +97,11 @@ class CifarResNet(nn.Module):
         in_channels: int,
         batch_norm: bool = True,
         init_scale: float | None = None,
-        **block_kwargs: bool,
+        **block_kwargs: Any,
     ) -> None:
         super().__init__()
         bias = block_kwargs.get("bias")
+        self.act = relu(block_kwargs.get("relu_noise", 0.0))
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=(not batch_norm) if bias is None else bias)
         self.bn1 = _norm(widths[0], batch_norm)
         c_in, stages = widths[0], []
@@ -116,8 +122,20 @@ class CifarResNet(nn.Module):
                         nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = self.layers(self.act(self.bn1(self.conv1(x))))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class NarrowResNet18(CifarResNet):
+    """:func:`resnet18_narrow`'s network, with LPF-SGD's function-preserving :meth:`norm`."""
+
+    def norm(self) -> nn.Module:
+        """A copy computing the same function with unit-"norm" filters (LPF-SGD's ``norm()``: per output unit
+        p = ‖W_j‖₂ + |b_j|, BN p = |γ| + |β|, divided out and restored by constant channel scales; see
+        :func:`flatlit.sharpness.norms.lpf_normalize`). The measures of the sharpness grid run on this copy."""
+        from flatlit.sharpness.norms import lpf_normalize  # models do not depend on the measures at import time
+
+        return lpf_normalize(self)
 
 
 def _kuangliu(block: type, blocks: list[int]):
@@ -149,9 +167,10 @@ def resnet18_narrow(
 ) -> nn.Module:
     """LPF-SGD's narrow ResNet-18: stages of 8·width, 16·width, 32·width, 64·width channels (width 8 is the usual
     ResNet-18), convs with bias, Kaiming-normal fan-out conv init, BN γ = 1, β = 0; ``skip`` and ``batch_norm``
-    switch the residual connections and the BatchNorm layers (the 2×2 of the paper's grid)."""
+    switch the residual connections and the BatchNorm layers (the 2×2 of the paper's grid). ``model.norm()`` returns
+    the function-preserving normalised copy the paper measures."""
     w = _positive("width", width)
-    model = CifarResNet(
+    model = NarrowResNet18(
         BasicBlock,
         [2, 2, 2, 2],
         [8 * w, 16 * w, 32 * w, 64 * w],
@@ -182,8 +201,12 @@ def _he(n: int):
         image_size: int = 32,
         batch_norm: bool = True,
         init_scale: float | None = None,
+        relu_noise: float = 0.0,
     ) -> nn.Module:
-        return CifarResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels, batch_norm, init_scale)
+        """He et al.'s CIFAR ResNet-(6n+2); ``relu_noise`` > 0: every ReLU a NoisyReLU (SmoothOut's --relu_noise)."""
+        return CifarResNet(
+            BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels, batch_norm, init_scale, relu_noise=relu_noise
+        )
 
     return build
 

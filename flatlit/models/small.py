@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlit.errors import ConfigError
+from flatlit.models.noisy_relu import NoisyReLU, relu
 from flatlit.models.registry import register_model
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -26,11 +27,13 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "identity": nn.Identity,
     "linear": nn.Identity,
+    "noisy_relu": NoisyReLU,  # slope U(0.9, 1.1) per element in training (flatlit.models.noisy_relu)
 }
 
 
 def make_activation(name: str) -> nn.Module:
-    """A new activation module by name (``relu``, ``tanh``, ``elu``, ``gelu``, ``identity``/``linear``, ...)."""
+    """A new activation module by name (``relu``, ``tanh``, ``elu``, ``gelu``, ``noisy_relu``, ``identity``/``linear``,
+    ...)."""
     if name not in ACTIVATIONS:
         raise ConfigError(
             f"model.init_args.arch_kwargs.activation: unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}."
@@ -252,4 +255,27 @@ def neyshabur_vgg(
         nn.Dropout(0.5),
         nn.Linear(512, num_classes),
     ]
+    return nn.Sequential(*layers)
+
+
+@register_model("cifar_shallow")
+def cifar_shallow(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, relu_noise: float = 0.0
+) -> nn.Module:
+    """SmoothOut's shallow AlexNet-style CIFAR net (``cifar10_shallow``/``cifar100_shallow``; Wen et al. 2018,
+    arXiv 1805.07898; SPEC §1.7): [conv5×5(64, pad 2, no bias) → maxpool 3/2 → BN → ReLU] ×2, then FC(64·7·7 = 3136 →
+    384) → BN → ReLU → Dropout .5 → FC(384 → 192) → BN → ReLU → Dropout .5 → FC(192 → classes) for 32×32 inputs.
+    ``relu_noise`` > 0 makes every ReLU a :class:`~flatlit.models.noisy_relu.NoisyReLU`."""
+    s = image_size
+    for _ in range(2):
+        s = (s - 3) // 2 + 1  # conv 5x5 pad 2 keeps the size; maxpool 3 stride 2 without padding
+    if s < 1:
+        raise ValueError(f"cifar_shallow: image_size {image_size} is too small (needs at least 7)")
+    layers: list[nn.Module] = []
+    c = in_channels
+    for _ in range(2):
+        layers += [nn.Conv2d(c, 64, 5, padding=2, bias=False), nn.MaxPool2d(3, 2), nn.BatchNorm2d(64), relu(relu_noise)]
+        c = 64
+    layers += [nn.Flatten(), nn.Linear(64 * s * s, 384), nn.BatchNorm1d(384), relu(relu_noise), nn.Dropout(0.5)]
+    layers += [nn.Linear(384, 192), nn.BatchNorm1d(192), relu(relu_noise), nn.Dropout(0.5), nn.Linear(192, num_classes)]
     return nn.Sequential(*layers)
