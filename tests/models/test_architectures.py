@@ -25,8 +25,8 @@ def conv(c_in, c, k):
 def test_shake_shake26_2x96d_count_matches_the_formula_and_the_paper():
     model = create_model("shake_shake26_2x96d", 10, 3, 32)
     total, c_in = conv(3, 16, 3) + 2 * 16, 16
-    for i, c in enumerate([96, 192, 384]):
-        for j in range(4):
+    for c in [96, 192, 384]:
+        for _ in range(4):
             total += 2 * (conv(c_in, c, 3) + conv(c, c, 3) + 4 * c)  # two branches, two BNs each
             if c_in != c:
                 total += conv(c_in, c // 2, 1) * 2 + 2 * c  # the two half-width 1x1 shortcut convs and their BN
