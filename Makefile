@@ -9,16 +9,37 @@ DEMO := runs/demo
 DEMO_CKPT = $(DEMO)/$(1)/version_0/checkpoints/last.ckpt
 DEMO_SAMPLE := --num_samples 512 --batch_size 256
 
-.PHONY: env demo test lint bench fashion-mnist clean
+.PHONY: env demo test lint lock test-latest bench fashion-mnist clean
 
-$(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
+# The tested environment: the exact versions of requirements.lock (torch and torchvision included), which `make lock`
+# resolved from the ranges of requirements.txt and the suite passed with. setup.cfg keeps the ranges for users who
+# `pip install` flatlit into an environment of their own.
+$(VENV)/.installed: requirements.lock setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 env: $(VENV)/.installed
+
+# Re-resolve requirements.lock from requirements.txt (newest releases within its ranges, torch capped by
+# lock-constraints.txt), for every Python >= 3.10 and platform (uv's universal resolution); then run `make test`.
+lock: env
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile requirements.txt --universal --python-version 3.10 -c lock-constraints.txt \
+		--no-header -q -o requirements.lock
+
+# The suite against the newest releases the ranges admit (no lock), in a separate environment.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q -r requirements.txt
+	$(LATEST)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(LATEST)/bin/python -m pip freeze | grep -iE '^(torch|torchvision|lightning|numpy|scipy)=='
+	$(LATEST)/bin/python -m pytest -q
 
 # Debian's copy of the real Fashion-MNIST, the offline default of the demo (skipped when present or impossible).
 fashion-mnist:
@@ -62,6 +83,8 @@ $(DEMO)/%/version_0/.done: experiments/demo/fashion_mnist_%.yaml | env fashion-m
 	@touch $@
 
 test: env
+	$(VENV)/bin/ruff check flatlit tests benchmarks
+	$(VENV)/bin/ruff format --check flatlit tests benchmarks
 	$(PY) -m pytest -q
 
 lint: env

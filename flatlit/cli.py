@@ -37,6 +37,13 @@ from flatlit.callbacks.measures import InitialWeights
 from flatlit.data.base import FlatlitDataModule
 from flatlit.errors import ConfigError, find_user_error
 from flatlit.methods.base import ClassificationModule
+from flatlit.safe_loading import (
+    TRUST_FLAG,
+    UntrustedFileError,
+    check_config_classes,
+    is_trusted_class_path,
+    load_checkpoint,
+)
 
 #: Config keys that may differ between a checkpoint and the run resuming it (besides ``trainer.*``,
 #: ``seed_everything`` and ``history.*``): where the data lives and how it is loaded, nothing that changes the
@@ -78,6 +85,22 @@ class FlatlitCLI(LightningCLI):
         for key in ("num_classes", "in_channels", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(HistoryCSV, "history")
+        parser.add_argument(
+            TRUST_FLAG,
+            action="store_true",
+            help="read --ckpt_path with a full unpickle (may run code from the file): only for checkpoints you trust",
+        )
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's own read of ``--ckpt_path`` uses the weights-only unpickler unless ``--trust_code``."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = not self._trust()
+        return kwargs
+
+    def _trust(self) -> bool:
+        sub = self.config.get("subcommand")
+        return bool(sub and self.config[sub].get(TRUST_FLAG.lstrip("-")))
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` before Lightning reads it.
@@ -92,8 +115,9 @@ class FlatlitCLI(LightningCLI):
         if not isinstance(path, str) or path in _CKPT_ALIASES or path.startswith("registry:") or "://" in path:
             super()._parse_ckpt_path()
             return
-        ckpt = read_checkpoint(path)
-        if sub != "fit":
+        ckpt = read_checkpoint(path, trust=self._trust())
+        if sub != "fit":  # Lightning builds the model from the checkpoint's saved class
+            check_config_classes(ckpt.get("hyper_parameters"), f"ckpt_path: {path!r}", self._trust())
             super()._parse_ckpt_path()
             return
         diffs = resume_differences(ckpt, self._run_config())
@@ -144,16 +168,19 @@ class _StoreRunConfig(Callback):
         checkpoint[_CONFIG_KEY] = self.text
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint on the CPU, or raise ConfigError saying why it cannot be used."""
+def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with the weights-only unpickler (``trust``: any pickle, see
+    :mod:`flatlit.safe_loading`), or raise ConfigError saying why it cannot be used."""
     if not os.path.isfile(path):
         where = os.path.dirname(os.path.abspath(path))
         hint = f" ({where} holds: {', '.join(_checkpoints_in(where))})" if _checkpoints_in(where) else ""
         raise ConfigError(f"ckpt_path: no checkpoint file at {path!r}{hint}; pass the path of an existing .ckpt file.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, trust=trust)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise ValueError("no state_dict in it")
+    except UntrustedFileError:
+        raise
     except Exception as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else "empty file"
         others = [f for f in _checkpoints_in(os.path.dirname(os.path.abspath(path))) if f != os.path.basename(path)]
@@ -191,6 +218,8 @@ def _flatten(value: Any, key: str, out: dict[str, Any]) -> dict[str, Any]:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, _ClassPath) and isinstance(b, _ClassPath) and a != b:
+        if not (is_trusted_class_path(a) and is_trusted_class_path(b)):
+            return False  # a checkpoint's class path is only imported when it is a trusted package's
         try:
             return _import(a) is _import(b)  # flatlit.methods.SGDFamily is flatlit.methods.sgd.SGDFamily
         except (ImportError, AttributeError, ValueError):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from flatlit.errors import ConfigError, FlatlitError
+from flatlit.safe_loading import add_trust_argument
 
 MODES = ("line", "plane", "interpolate", "eigen")
 DEFAULT_RANGE = {"line": (-1.0, 1.0), "plane": (-1.0, 1.0), "eigen": (-1.0, 1.0), "interpolate": (-0.5, 1.5)}
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", action="append", default=[], help="the checkpoint (twice for --mode interpolate)")
     p.add_argument("--mode", choices=MODES, default="line", help="line, plane, interpolate or eigen (default line)")
     p.add_argument("--config", help="the run's config (default: config.yaml of the first checkpoint's run directory)")
+    add_trust_argument(p)
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--resolution", type=int, help="points per axis over the default range (51 lines, 21 planes)")
     grid.add_argument("--alphas", help="a:b:n, n points from a to b (default -1:1, interpolate -0.5:1.5)")
@@ -202,7 +204,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     from flatlit.runs import load_run, sha256
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module, dm, folder, config_path = load_run(opts.ckpt_path[0], opts.config, device, arg="--ckpt_path")
+    module, dm, folder, config_path = load_run(
+        opts.ckpt_path[0], opts.config, device, arg="--ckpt_path", trust=opts.trust_code
+    )
     dm.setup("fit")
     try:
         sample = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
@@ -232,7 +236,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     # ---- directions
     if opts.mode == "interpolate":
         try:
-            end = read_checkpoint(opts.ckpt_path[1])["state_dict"]
+            end = read_checkpoint(opts.ckpt_path[1], trust=opts.trust_code)["state_dict"]
         except ConfigError as err:
             raise ConfigError(str(err).replace("ckpt_path:", "--ckpt_path:", 1)) from None
         try:

@@ -27,6 +27,7 @@ import yaml
 
 from flatlit.errors import ConfigError, FlatlitError
 from flatlit.runs import load_init_state, load_run, sha256, write_json
+from flatlit.safe_loading import add_trust_argument
 
 CACHE_VERSION = 1
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flatlit measure", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", help="the checkpoint to measure")
     p.add_argument("--config", help="the run's config (default: config.yaml of the checkpoint's run directory)")
+    add_trust_argument(p)
     p.add_argument("--measures", nargs="*", default=None, help="measure names (default: all); see --list")
     p.add_argument("--settings", default=None, help="YAML/JSON mapping measure -> {setting: value}")
     p.add_argument("--num_samples", type=int, default=1000, help="training examples in the fixed sample")
@@ -165,7 +167,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
 
     measures = _resolve_measures(opts.measures, _settings(opts.settings))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module, dm, run_dir, _ = load_run(opts.ckpt_path, opts.config, device)
+    module, dm, run_dir, _ = load_run(opts.ckpt_path, opts.config, device, trust=opts.trust_code)
     dm.setup("fit")
     try:
         train = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
@@ -182,7 +184,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
             if n >= opts.num_samples:
                 break
     init_path = os.path.join(run_dir, "model_init.ckpt")
-    init_state = load_init_state(run_dir, device)
+    init_state = load_init_state(run_dir, device, trust=opts.trust_code)
     num_train = len(dm.train_indices) if getattr(dm, "train_indices", None) is not None else None
     inputs = MeasureInputs(module, batches, module.loss_fn, init_state, test_batches, num_train)
 

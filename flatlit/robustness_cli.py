@@ -31,6 +31,7 @@ import torch
 
 from flatlit.errors import ConfigError, FlatlitError
 from flatlit.runs import load_run, sha256, write_json
+from flatlit.safe_loading import add_trust_argument
 
 FORMAT_VERSION = 1
 DEFAULT_SCALES = ("0.001", "0.003", "0.006", "0.01", "0.03", "0.1")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flatlit robustness", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", help="the checkpoint to evaluate")
     p.add_argument("--config", help="the run's config (default: config.yaml of the checkpoint's run directory)")
+    add_trust_argument(p)
     p.add_argument(
         "--noise",
         nargs="*",
@@ -178,7 +180,7 @@ def _describe(item: dict[str, Any]) -> str:
 def _load_inputs(opts: argparse.Namespace) -> dict[str, Any]:
     """The checkpoint's module, the fixed test sample on its device, the DataModule's normalisation, the loss."""
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module, dm, _, _ = load_run(opts.ckpt_path, opts.config, device)
+    module, dm, _, _ = load_run(opts.ckpt_path, opts.config, device, trust=opts.trust_code)
     sample = sample_test_split(dm, opts.num_samples, opts.batch_size, opts.seed)
     return {
         "module": module,

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from flatlit.errors import ConfigError
+from flatlit.safe_loading import check_config_classes, load_checkpoint
 
 
 def run_dir(ckpt_path: str) -> str:
@@ -55,8 +56,9 @@ def instantiate_model_and_data(model: Any, data: Any, seed_everything: Any = 0, 
             lg.setLevel(level)
 
 
-def build_from_config(config_path: str, device: torch.device | str = "cpu"):
-    """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used)."""
+def build_from_config(config_path: str, device: torch.device | str = "cpu", trust: bool = False):
+    """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used); the
+    classes it names must come from trusted packages unless ``trust`` (:mod:`flatlit.safe_loading`)."""
     if not os.path.isfile(config_path):
         raise ConfigError(
             f"--config: {config_path!r} does not exist; pass the run's config.yaml (written next to its logs)."
@@ -65,22 +67,30 @@ def build_from_config(config_path: str, device: torch.device | str = "cpu"):
         cfg = yaml.safe_load(f) or {}
     if "model" not in cfg or "data" not in cfg:
         raise ConfigError(f"--config: {config_path!r} has no model/data sections; pass the run's config.yaml.")
+    check_config_classes({"model": cfg["model"], "data": cfg["data"]}, f"--config: {config_path!r}", trust)
     cli = instantiate_model_and_data(cfg["model"], cfg["data"], cfg.get("seed_everything", 0))
     return cli.model.to(device), cli.datamodule
 
 
-def load_run(ckpt_path: str, config: str | None = None, device: torch.device | str = "cpu", arg: str = "ckpt_path"):
+def load_run(
+    ckpt_path: str,
+    config: str | None = None,
+    device: torch.device | str = "cpu",
+    arg: str = "ckpt_path",
+    trust: bool = False,
+):
     """(module with the checkpoint's weights, DataModule, run directory, config path) of a checkpoint of
-    ``flatlit fit``; ``arg`` names the command-line argument in errors."""
+    ``flatlit fit``; ``arg`` names the command-line argument in errors. Neither the checkpoint nor the config may
+    run code unless ``trust`` (``--trust_code``)."""
     from flatlit.cli import read_checkpoint
 
     try:
-        ckpt = read_checkpoint(ckpt_path)
+        ckpt = read_checkpoint(ckpt_path, trust=trust)
     except ConfigError as err:
         raise ConfigError(str(err).replace("ckpt_path:", f"{arg}:", 1)) from None
     folder = run_dir(ckpt_path)
     config_path = config or os.path.join(folder, "config.yaml")
-    module, dm = build_from_config(config_path, device)
+    module, dm = build_from_config(config_path, device, trust)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
@@ -92,12 +102,15 @@ def load_run(ckpt_path: str, config: str | None = None, device: torch.device | s
     return module, dm, folder, config_path
 
 
-def load_init_state(folder: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+def load_init_state(
+    folder: str, device: torch.device | str = "cpu", trust: bool = False
+) -> dict[str, torch.Tensor] | None:
     """The run's initial weights (``model_init.ckpt``, written by the InitialWeights callback), or None."""
     path = os.path.join(folder, "model_init.ckpt")
     if not os.path.isfile(path):
         return None
-    return {k: v.to(device) for k, v in torch.load(path, map_location="cpu")["state_dict"].items()}
+    state = load_checkpoint(path, arg="model_init.ckpt", trust=trust)["state_dict"]
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def sha256(path: str) -> str:

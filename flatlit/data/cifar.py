@@ -17,6 +17,32 @@ from flatlit.data.base import InMemoryDataModule
 from flatlit.errors import DataNotFoundError
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles the CIFAR batches' dicts of bytes, lists and NumPy arrays and refuses every other global, so a
+    doctored batch file cannot run code (the format is a pickle; torchvision reads it with plain ``pickle.load``)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+
+
+def read_cifar_batch(path: str) -> dict:
+    """One CIFAR batch file (a pickled dict with ``b"data"`` and its labels), read without running code."""
+    with open(path, "rb") as f:
+        try:
+            return _ArraysOnly(f, encoding="bytes").load()
+        except pickle.UnpicklingError as err:
+            raise DataNotFoundError(f"{path} is not a CIFAR batch file ({err}); download the dataset again.") from None
+
+
 class _CIFARDataModule(InMemoryDataModule):
     folder = ""
     train_files: tuple[str, ...] = ()
@@ -47,8 +73,7 @@ class _CIFARDataModule(InMemoryDataModule):
                     f"{path} not found. Set data.init_args.data_dir to the folder that contains "
                     f"{self.folder}/, or run once with data.init_args.download=true and internet access."
                 )
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+            batch = read_cifar_batch(path)
             data.append(np.asarray(batch[b"data"], dtype=np.uint8))
             labels.extend(batch[self.label_key])
         images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
