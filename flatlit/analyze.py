@@ -197,7 +197,8 @@ def load_sweep(path: str) -> Sweep:
     2. ``results.csv``: one row per trial; ``final/*`` columns are metrics, ``measure/*`` (or ``measures/*``)
        columns measures, ``trial``/``run_dir``/``status`` meta data and every other column a hyperparameter;
     3. a directory tree of run directories (each with ``config.yaml``): the hyperparameters are the config keys whose
-       values differ between the runs (where a run writes its logs excepted).
+       values differ between the runs (where a run writes its logs excepted). One run's own directory, or a folder
+       holding a single run (and no ``sweep.yaml``/``study.log`` of ``flatlit sweep``), is not a sweep: ConfigError.
 
     Metrics or measures missing from the sweep's file are read from the run directory: ``final_metrics.json`` (or
     ``history.csv``) and ``checkpoints/measures.json``. A measure computed with several settings across the sweep
@@ -274,6 +275,18 @@ def load_sweep(path: str) -> Sweep:
             for p in glob.glob(os.path.join(path, "**", "config.yaml"), recursive=True)
             if os.sep + "analysis" + os.sep not in p
         )
+        sweep_marker = any(os.path.isfile(os.path.join(path, f)) for f in ("sweep.yaml", "study.log"))
+        if os.path.isfile(os.path.join(path, "config.yaml")) or (len(found) == 1 and not sweep_marker):
+            what = (
+                "it is one run's directory (it holds config.yaml)"
+                if os.path.isfile(os.path.join(path, "config.yaml"))
+                else f"it holds a single run, {os.path.relpath(found[0], path)}"
+            )
+            raise ConfigError(
+                f"SWEEP_DIR {path!r}: not a sweep folder: {what}. A sweep folder holds trials.jsonl or results.csv "
+                "(the output folder of `flatlit sweep`), or two or more run directories below it (each with "
+                "config.yaml and final_metrics.json or history.csv)."
+            )
         for run_dir in found:
             try:
                 with open(os.path.join(run_dir, "config.yaml")) as f:

@@ -9,6 +9,10 @@ Modes: ``line``/``plane``: one/two seeded Gaussian filter-normalised directions 
 ``interpolate``: θ(α) = (1 − α)θ_A + αθ_B over the whole state_dict, BatchNorm statistics included (SPEC F42);
 ``eigen``: one line along each of the top-k Hessian eigenvectors (Lanczos, or ``--directions`` an
 ``eigenvectors_step*.pt`` of the HessianEigenvalues callback), one file each, with λ_i in its meta (SPEC F44).
+With ``--directions FILE`` in line/plane mode the normalisation (and ``bias_bn``) recorded in the results and named
+in the axis labels are the file's, not the ``--norm``/``--bias_bn`` flags' (which only shape directions drawn
+here); a file that does not record them (an ``eigenvectors_step*.pt``, an old or hand-made set) says
+``unknown/as saved``.
 ``--alphas a:b:n`` is ``n`` evenly spaced points from a to b (both included). The model and data are rebuilt from
 the run's ``config.yaml`` and the loss is the mean training loss on a fixed seeded sample of the training split.
 
@@ -192,7 +196,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     alphas, betas, bn = _check(opts)
     from flatlit.cli import read_checkpoint
     from flatlit.landscape import (
+        UNKNOWN_NORMALISATION,
         compute_surface,
+        direction_normalisation,
         eigen_directions,
         interpolation_direction,
         is_direction_file,
@@ -276,6 +282,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             )
         if source != dir_path:
             save_directions(directions, dir_path)
+        if opts.directions and opts.mode in ("line", "plane"):  # the file's normalisation, not the flags'
+            meta["normalisation"] = direction_normalisation(directions)
+            meta["bias_bn"] = directions.meta.get("bias_bn", UNKNOWN_NORMALISATION)
 
     # ---- surfaces
     jobs: list[tuple[str, Any, dict[str, Any]]] = []
@@ -285,13 +294,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             extra = {"eigen_index": i + 1, "eigenvalues": lams, "labels": {"alpha": f"α (unit eigenvector e{i + 1})"}}
             jobs.append((_eigen_path(output, i), directions.select(i), {**meta, **extra}))
     else:
-        labels = {
-            "line": {"alpha": "α (filter-normalised direction)" if norm == "filter" else "α"},
-            "plane": {"alpha": "α (filter-normalised direction 1)", "beta": "β (filter-normalised direction 2)"}
-            if norm == "filter"
-            else {"alpha": "α", "beta": "β"},
-            "interpolate": {"alpha": "interpolation α (0 = A, 1 = B)"},
-        }[opts.mode]
+        labels = _axis_labels(opts.mode, meta["normalisation"], described=bool(opts.directions))
         jobs.append((output, directions, {**meta, "labels": labels}))
     written, figures = [], []
     for path, dirs, info in jobs:
@@ -331,6 +334,32 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     for f in figures:
         print(f"figure: {f}")
     return {"results": written, "figures": figures}
+
+
+_NORM_WORDS = {
+    "filter": "filter-normalised",
+    "layer": "layer-normalised",
+    "model": "model-normalised",
+    "none": "unnormalised",
+    "unit": "unit-norm",
+}
+
+
+def _axis_labels(mode: str, normalisation: str | None, described: bool) -> dict[str, str]:
+    """Axis labels naming the directions' normalisation (``meta["normalisation"]``). Directions drawn here keep
+    their historical labels (only ``filter`` is named); directions from a file (``described``) always say what the
+    file records, ``unknown/as saved`` included."""
+    if mode == "interpolate":
+        return {"alpha": "interpolation α (0 = A, 1 = B)"}
+    axes = {"alpha": ("α", 1), "beta": ("β", 2)} if mode == "plane" else {"alpha": ("α", 0)}
+    if normalisation == "filter" or (described and normalisation in _NORM_WORDS):
+        words = _NORM_WORDS[normalisation] + " direction"
+        return {k: f"{sym} ({words}{f' {i}' if i else ''})" for k, (sym, i) in axes.items()}
+    if described:
+        return {
+            k: f"{sym} (direction{f' {i}' if i else ''}, normalisation {normalisation})" for k, (sym, i) in axes.items()
+        }
+    return {k: sym for k, (sym, _) in axes.items()}
 
 
 def _eigen_path(output: str, i: int) -> str:

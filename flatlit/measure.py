@@ -29,7 +29,7 @@ from flatlit.errors import ConfigError, FlatlitError
 from flatlit.runs import load_init_state, load_run, sha256, write_json
 from flatlit.safe_loading import add_trust_argument
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: spectral norms by verified Lanczos, folded θ₀ under bn="fold"
 
 
 def build_parser() -> argparse.ArgumentParser:

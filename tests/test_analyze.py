@@ -439,3 +439,20 @@ def test_cli_subcommand(sweep_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "best: lpf_sharpness" in text and f"written: {os.path.abspath(out)}" in text
     assert len(_read_csv(os.path.join(out, "correlations.csv"))) == 2
+
+
+def test_a_folder_that_is_not_a_sweep_is_one_line_and_nothing_written(tmp_path, capsys):
+    """`flatlit analyze DIR` on one run's directory (or a folder holding a single run) is not a sweep: exit code 2,
+    one line naming the folder and what a sweep folder holds, and no analysis written."""
+    from flatlit.cli import main as cli_main
+
+    root = write_run_dirs(str(tmp_path / "runs"), synthetic_trials()[:1])
+    run_dir = os.path.join(root, "trial_000", "version_0")
+    for folder in (run_dir, os.path.join(root, "trial_000")):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["analyze", folder, "--bootstrap", "0"])
+        assert exc.value.code != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"flatlit: error: SWEEP_DIR {folder!r}: not a sweep"), err
+        assert "trials.jsonl" in err and "results.csv" in err and "run directories" in err
+        assert not os.path.exists(os.path.join(folder, "analysis"))

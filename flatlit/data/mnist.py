@@ -1,8 +1,9 @@
 """MNIST and Fashion-MNIST DataModules (idx files, in memory).
 
-Files are looked up, in order, under ``data_dir/<MNIST|FashionMNIST>/raw/`` (torchvision's layout) and directly
-under ``data_dir``, plain or gzipped. Missing files are downloaded with torchvision when ``download`` is on.
-Fashion-MNIST then falls back to Debian's ``dataset-fashion-mnist`` copy in ``/usr/share/datasets/fashion-mnist``.
+Files are looked up, in order, under ``data_dir/<MNIST|FashionMNIST>/raw/`` (torchvision's layout), directly
+under ``data_dir``, plain or gzipped, and for Fashion-MNIST in Debian's ``dataset-fashion-mnist`` copy in
+``/usr/share/datasets/fashion-mnist``. Only when none of these holds the files, and ``download`` is on, are they
+downloaded with torchvision (into ``data_dir``): a local copy never costs a network attempt.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class _IdxDataModule(InMemoryDataModule):
                 return files
         for d in self.fallback_dirs:
             if (files := self._find(d, train)) is not None:
-                rank_zero_info(f"flatlit: {self.folder} not found under {self.data_dir!r}; using the copy in {d}.")
+                if getattr(self, "_announced", None) != d:  # one line per DataModule, not one per split
+                    self._announced = d
+                    rank_zero_info(f"flatlit: {self.folder} not found under {self.data_dir!r}; using the copy in {d}.")
                 return files
         hint = " or install Debian's copy with `apt-get install dataset-fashion-mnist`" if self.fallback_dirs else ""
         raise DataNotFoundError(
@@ -75,16 +78,22 @@ class _IdxDataModule(InMemoryDataModule):
             f"holding them, run once with data.init_args.download=true and internet access{hint}."
         )
 
+    def _available(self) -> bool:
+        """Whether both splits are on disk, under ``data_dir`` or in a fallback copy (no network)."""
+        dirs = self._local_dirs() + list(self.fallback_dirs)
+        return all(any(self._find(d, t) for d in dirs) for t in (True, False))
+
     def prepare_data(self) -> None:
-        if not self.download or all(any(self._find(d, t) for d in self._local_dirs()) for t in (True, False)):
+        # a local copy (data_dir or Debian's) is used as it is: download only when no copy has the files
+        if not self.download or self._available():
             return
         import torchvision
 
         try:
             getattr(torchvision.datasets, self.torchvision_class)(self.data_dir, train=True, download=True)
-        except Exception as err:  # offline, or the mirrors are down: fall back, and say so
-            where = f"; will use {self.fallback_dirs[0]}" if self.fallback_dirs else ""
-            rank_zero_warn(f"flatlit: could not download {self.folder} ({type(err).__name__}: {err}){where}.")
+        except Exception as err:  # offline, or the mirrors are down: setup() then names what is missing
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            rank_zero_warn(f"flatlit: could not download {self.folder} ({type(err).__name__}: {first}).")
 
     def _read(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         img_path, lbl_path = self._locate(train)

@@ -41,6 +41,8 @@ BIAS_BN = ("ignore", "filter")
 KINDS = ("random", "eigen", "interpolate")
 FORMAT = "flatlit-directions"
 VERSION = 1
+#: the normalisation of a direction set that does not record one (an eigenvectors_step*.pt, a hand-made set)
+UNKNOWN_NORMALISATION = "unknown/as saved"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,6 +60,9 @@ class DirectionSet:
         meta: seed, normalisation, eigenvalues, source files, ... (JSON-serialisable).
         signature: ``(name, shape)`` of every trainable parameter of the model the set was made for, so loading it
             for another architecture fails clearly.
+        normalisation: how the directions were scaled (``filter``, ``layer``, ``model``, ``none``, ``unit`` for
+            Hessian eigenvectors), saved in the file by :func:`save_directions`; None when not known (see
+            :func:`direction_normalisation`).
     """
 
     kind: str
@@ -66,6 +71,7 @@ class DirectionSet:
     vectors: list[list[torch.Tensor]]
     meta: dict[str, Any] = field(default_factory=dict)
     signature: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    normalisation: str | None = None
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -78,7 +84,13 @@ class DirectionSet:
                 raise IndexError(f"direction {i} out of range: the set holds {len(self)}")
         meta = {**self.meta, "selected": [int(i) for i in indices]}
         return DirectionSet(
-            self.kind, self.names, self.shapes, [self.vectors[i] for i in indices], meta, self.signature
+            self.kind,
+            self.names,
+            self.shapes,
+            [self.vectors[i] for i in indices],
+            meta,
+            self.signature,
+            self.normalisation,
         )
 
     def digest(self) -> str:
@@ -89,6 +101,18 @@ class DirectionSet:
             for t in vec:
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def direction_normalisation(directions: DirectionSet) -> str:
+    """The normalisation the set was made with: its ``normalisation`` (as written in its file), else the ``norm``
+    its metadata records (random sets saved before the field existed; None is ``"none"``), else
+    :data:`UNKNOWN_NORMALISATION` (``"unknown/as saved"``)."""
+    if directions.normalisation:
+        return str(directions.normalisation)
+    if "norm" in directions.meta:
+        norm = directions.meta["norm"]
+        return "none" if norm is None else str(norm)
+    return UNKNOWN_NORMALISATION
 
 
 def model_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -176,6 +200,7 @@ def random_directions(
         vectors,
         {"seed": seed, "norm": norm, "bias_bn": bias_bn},
         model_signature(model),
+        "none" if norm is None else norm,
     )
 
 
@@ -211,7 +236,13 @@ def eigen_directions(
         "seed": seed,
     }
     return DirectionSet(
-        "eigen", [n for n, _ in named], [tuple(p.shape) for _, p in named], vectors, meta, model_signature(model)
+        "eigen",
+        [n for n, _ in named],
+        [tuple(p.shape) for _, p in named],
+        vectors,
+        meta,
+        model_signature(model),
+        "unit",
     )
 
 
@@ -300,7 +331,8 @@ def interpolation_direction(model: nn.Module, end_state: dict[str, torch.Tensor]
 
 # ---- files --------------------------------------------------------------------------------------------------------
 def save_directions(directions: DirectionSet, path: str) -> None:
-    """Save the set (tensors on the CPU) with its metadata to ``path`` (``.pt``), atomically."""
+    """Save the set (tensors on the CPU) with its metadata and its normalisation (:func:`direction_normalisation`,
+    ``"unknown/as saved"`` when not known) to ``path`` (``.pt``), atomically."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -310,6 +342,7 @@ def save_directions(directions: DirectionSet, path: str) -> None:
         "vectors": [[t.detach().cpu() for t in vec] for vec in directions.vectors],
         "meta": directions.meta,
         "signature": [[n, list(s)] for n, s in directions.signature],
+        "normalisation": direction_normalisation(directions),
     }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -367,4 +400,7 @@ def load_directions(path: str, model: nn.Module) -> DirectionSet:
     vectors = [
         [t.to(device=state[n].device, dtype=state[n].dtype) for n, t in zip(names, vec)] for vec in obj["vectors"]
     ]
-    return DirectionSet(obj["kind"], names, shapes, vectors, dict(obj.get("meta", {})), mine)
+    normalisation = obj.get("normalisation")
+    if normalisation == UNKNOWN_NORMALISATION:
+        normalisation = None
+    return DirectionSet(obj["kind"], names, shapes, vectors, dict(obj.get("meta", {})), mine, normalisation)

@@ -167,8 +167,9 @@ def compute_measure(name: str, inputs: MeasureInputs, **settings: Any) -> Measur
     """Run measure ``name`` with its defaults updated by ``settings`` (unknown settings are a ValueError).
 
     Every measure takes ``bn``: ``eval`` (running statistics, default), ``train`` (batch statistics) or ``fold``
-    (BatchNorm folded into the preceding layer, :func:`fold_batchnorm`); dropout is always off. The model comes back
-    exactly as it was (:func:`observed`).
+    (BatchNorm folded into the preceding layer, :func:`fold_batchnorm`; the initial weights ``inputs.init_state``
+    are folded the same way with the initial model's own BN statistics, :func:`fold_state`); dropout is always off.
+    The model comes back exactly as it was (:func:`observed`).
     """
     spec = get_measure(name)
     unknown = sorted(set(settings) - set(spec.defaults))
@@ -181,7 +182,10 @@ def compute_measure(name: str, inputs: MeasureInputs, **settings: Any) -> Measur
     with observed(inputs.model):
         set_bn_policy(inputs.model, "eval" if bn == "fold" else bn)
         if bn == "fold":
-            inputs = dataclasses.replace(inputs, model=fold_batchnorm(inputs.model))
+            init_state = inputs.init_state
+            if init_state is not None:
+                init_state = fold_state(inputs.model, init_state)
+            inputs = dataclasses.replace(inputs, model=fold_batchnorm(inputs.model), init_state=init_state)
         result = spec.fn(inputs, **merged)
     return dataclasses.replace(result, settings={**result.settings, "bn": bn})
 
@@ -223,14 +227,46 @@ def set_bn_policy(model: nn.Module, bn: str) -> None:
                 m.train()
 
 
+class FoldedBatchNorm(nn.Identity):
+    """The identity left in place of a BatchNorm folded by :func:`fold_batchnorm`; remembers the BN's ``eps`` (which
+    a state_dict does not hold) so initial weights can be folded with the same ε."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) in which every BatchNorm that directly follows a Conv/Linear layer inside an
     ``nn.Sequential`` is folded into that layer (w' = γ w / √(σ² + ε), b' = γ (b − μ) / √(σ² + ε) + β) and replaced
-    by the identity: the same function, with the BN scale visible in the weights (Neyshabur's ``reparam``, SPEC F35).
-    BatchNorms that cannot be folded this way are kept."""
+    by the identity (:class:`FoldedBatchNorm`): the same function, with the BN scale visible in the weights
+    (Neyshabur's ``reparam``, SPEC F35). BatchNorms that cannot be folded this way are kept."""
     import copy
 
-    folded = copy.deepcopy(model).eval()
+    return _fold_in_place(copy.deepcopy(model))
+
+
+def fold_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a full state_dict of ``model``'s architecture, e.g. its initial weights) folded exactly as
+    :func:`fold_batchnorm` folds ``model``: the state_dict of ``fold_batchnorm`` applied to a copy of ``model``
+    holding ``state``, so each BN is folded with the statistics, γ, β and ε *of that state* (the initial model's
+    own), in the model's dtype and on its device, by the same operations (at θ = θ₀ both sides agree bit for bit).
+    A ``state`` that does not load into ``model`` (missing or extra entries, other shapes) is returned unchanged."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    try:
+        twin.load_state_dict(state)
+    except (RuntimeError, KeyError):
+        return state
+    return {k: v.detach().clone() for k, v in _fold_in_place(twin).state_dict().items()}
+
+
+def _fold_in_place(folded: nn.Module) -> nn.Module:
+    folded.eval()
     with torch.no_grad():
         for seq in folded.modules():
             if not isinstance(seq, nn.Sequential):
@@ -253,7 +289,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                     prev.bias = nn.Parameter(new_bias)
                 else:
                     prev.bias.copy_(new_bias)
-                seq._modules[name] = nn.Identity()
+                seq._modules[name] = FoldedBatchNorm(bn.eps)
     return folded
 
 

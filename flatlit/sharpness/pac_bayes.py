@@ -11,11 +11,18 @@ before a lower bracket exists, then bisects geometrically (σ = √(σ_lo·σ_hi
 after ``bisection_steps`` evaluations of Δ, keeping the σ whose Δ came closest to ε (``extra["converged"]`` says
 which). A non-finite Δ counts as too much noise.
 
-Differences from the references: LPF-SGD's ``pac_bayes`` (SPEC 5.6) bisects arithmetically on [tiny, 100] to an
-absolute tolerance 1e-6 with fresh draws per σ, and its θ₀ is always 0 (a bug); Jiang et al.'s measures (as coded
-in ``nitarshan/robust-generalization-measures``) target a 0.1 drop of training *accuracy*, perturb only weights (no
-biases/BN) and pass the variance where ``torch.normal`` expects the std. Here the target is a rise of the *loss*,
-every trainable parameter is perturbed, and the noise has exactly the stated standard deviation.
+Which parameters: flatlit perturbs every trainable parameter (``inputs.params``: weights, biases and BatchNorm γ/β,
+or with ``bn="fold"`` the folded weights and biases) and sums ‖θ − θ₀‖² over the same parameters; there is no
+option to restrict either. Both references also perturb every parameter: LPF-SGD's ``pac_bayes`` adds noise to all
+of ``model.parameters()``, and so does ``nitarshan/robust-generalization-measures``' ``_perturbed_model`` (after
+its BN folding, so the folded BN's γ = 1, β = 0 are perturbed too); that repository restricts only its *distance*
+terms ‖θ − θ₀‖ and ω to the weights (names without ``bias``/``bn``).
+
+Other differences from the references: LPF-SGD's ``pac_bayes`` (SPEC 5.6) bisects arithmetically on [tiny, 100] to
+an absolute tolerance 1e-6 with fresh draws per σ, and its θ₀ is always 0 (a bug); Jiang et al.'s measures (as coded
+in ``nitarshan/robust-generalization-measures``) target a 0.1 drop of training *accuracy* and pass the variance
+where ``torch.normal`` expects the std. Here the target is a rise of the *loss* and the noise has exactly the stated
+standard deviation.
 """
 
 from __future__ import annotations
@@ -27,13 +34,18 @@ import torch
 
 from flatlit.sharpness.average import Scale, noisy_losses
 from flatlit.sharpness.base import Cost, MeasureInputs, MeasureResult, mean_loss, register_measure, sample_size
+from flatlit.sharpness.norms import init_tensors
 from flatlit.sharpness.worst_case import check_choice, check_int, check_positive, check_seed
 
 REFERENCES = ("init", "zero")
 
 
 def reference_weights(inputs: MeasureInputs, reference: str) -> list[torch.Tensor]:
-    """θ₀ for each trainable parameter: the initial weights (``init``, from ``inputs.init_state``) or zeros."""
+    """θ₀ for each trainable parameter: the initial weights (``init``, from ``inputs.init_state``) or zeros.
+
+    With ``bn="fold"`` the initial weights are folded like the current ones, with the initial model's BN statistics
+    (:func:`flatlit.sharpness.base.fold_state`, or :func:`flatlit.sharpness.norms.init_tensors` for a raw initial
+    state_dict), so θ = θ₀ gives ‖θ − θ₀‖ = 0."""
     reference = check_choice("reference", reference, REFERENCES)
     named = inputs.named_params
     if reference == "zero":
@@ -42,15 +54,11 @@ def reference_weights(inputs: MeasureInputs, reference: str) -> list[torch.Tenso
         raise ValueError(
             'reference="init" needs the initial weights: pass MeasureInputs(init_state=...) or use reference="zero"'
         )
-    out = []
-    for name, p in named:
-        if name not in inputs.init_state:
-            raise ValueError(
-                f"init_state has no entry for parameter {name!r} (bn='fold' adds biases); use "
-                'reference="zero" or pass matching initial weights'
-            )
-        out.append(inputs.init_state[name].detach().to(p.device, p.dtype).reshape(p.shape))
-    return out
+    try:
+        init = init_tensors(inputs.model, inputs.init_state, [name for name, _ in named])
+    except ValueError as err:
+        raise ValueError(f'{err}; use reference="zero" or pass matching initial weights') from None
+    return [init[name].to(p.dtype) for name, p in named]
 
 
 def bisect_sigma(

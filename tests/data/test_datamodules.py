@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -144,21 +145,51 @@ def test_fashion_mnist_offline_fallback(tmp_path, monkeypatch, caplog):
     assert len(dm.train_indices) == 30
 
 
-def test_fashion_mnist_offline_download_failure_falls_back(tmp_path, monkeypatch):
+def test_fashion_mnist_debian_copy_is_used_without_a_download_attempt(tmp_path, monkeypatch, recwarn, caplog):
+    """With download on (the default), a Debian copy holding the files is read as it is: no network, no warning."""
     import torchvision
 
+    attempts = []
+
     def offline(*args, **kwargs):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+        attempts.append(args)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz\nTried 4 mirrors\n...")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     debian = tmp_path / "debian"
-    make_mnist(str(debian), n_train=30, n_test=10, gz=True)
+    make_mnist(str(debian), n_train=30, n_test=10, gz=True)  # the real IDX .gz format, as Debian ships it
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    assert sorted(os.listdir(debian)) == sorted(f"{n}.gz" for n in names)
     monkeypatch.setattr(FashionMNISTDataModule, "fallback_dirs", (str(debian),))
-    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "empty"), download=True)
-    with pytest.warns(UserWarning, match="could not download FashionMNIST"):
-        dm.prepare_data()
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "empty"))
+    assert dm.download
+    dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_indices) == 30
+    assert attempts == [] and not os.path.exists(tmp_path / "empty")
+    assert [str(w.message) for w in recwarn] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_fashion_mnist_downloads_only_when_no_copy_has_the_files(tmp_path, monkeypatch):
+    import torchvision
+
+    attempts = []
+
+    def offline(root, train, download):
+        attempts.append((root, train, download))
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz\nTried 4 mirrors")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.setattr(FashionMNISTDataModule, "fallback_dirs", (str(tmp_path / "no_debian"),))
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "empty"))
+    with pytest.warns(UserWarning) as record:
+        dm.prepare_data()
+    assert attempts == [(str(tmp_path / "empty"), True, True)]
+    (w,) = [w for w in record if "could not download" in str(w.message)]
+    assert str(w.message).count("\n") == 0 and "FashionMNIST" in str(w.message)
+    with pytest.raises(DataNotFoundError, match="not found"):
+        dm.setup("fit")
 
 
 def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
@@ -243,3 +274,24 @@ def test_no_labels_file_without_a_logger(mnist_dir, tmp_path, monkeypatch):
     dm.trainer = pl.Trainer(logger=False, max_epochs=1)
     dm.setup("fit")
     assert not os.path.exists(tmp_path / "train_labels.pt")
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, cifar_dir):
+    """The CIFAR batch files are pickles: reading one only builds dicts, lists, bytes and NumPy arrays."""
+    import pickle
+
+    from flatlit.data.cifar import read_cifar_batch
+
+    good = os.path.join(cifar_dir, "cifar-10-batches-py", "data_batch_1")
+    assert read_cifar_batch(good)[b"data"].shape[1] == 3 * 32 * 32
+    marker = tmp_path / "pwned"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "data_batch_1"
+    bad.write_bytes(pickle.dumps({b"data": Trap(), b"labels": [0]}))
+    with pytest.raises(DataNotFoundError, match="not a CIFAR batch"):
+        read_cifar_batch(str(bad))
+    assert not marker.exists()

@@ -85,6 +85,43 @@ def test_plane_and_interpolation_ends(run_ckpts):
     assert r.acc[1] == at_last.acc[0]
 
 
+def test_directions_file_labels_come_from_the_file_not_the_flags(run_ckpts, tmp_path):
+    """--directions FILE: the normalisation (and bias_bn) recorded and the axis labels are the file's; the flags'
+    --norm/--bias_bn (default filter/ignore) describe nothing here. A file that does not record its normalisation
+    is labelled 'unknown/as saved'."""
+    last, _ = run_ckpts
+    common = ["--alphas", "0:1:2", "--no_plot", *SAMPLE]
+    flags = ["--norm", "layer", "--bias_bn", "filter", "--output", str(tmp_path / "layer.npz")]
+    made = main(["--ckpt_path", last, "--mode", "plane", *flags, *common])
+    layer_file = str(tmp_path / "layer.directions.pt")
+    saved = torch.load(layer_file, map_location="cpu", weights_only=True)
+    assert saved["normalisation"] == "layer"  # stored in the file
+    assert LandscapeResult.load(made["results"][0]).meta["normalisation"] == "layer"
+
+    out = main(["--ckpt_path", last, "--mode", "line", "--directions", layer_file, *common])
+    m = LandscapeResult.load(out["results"][0]).meta
+    assert m["normalisation"] == "layer" and m["bias_bn"] == "filter"
+    assert m["labels"] == {"alpha": "α (layer-normalised direction)"}
+    out = main(["--ckpt_path", last, "--mode", "plane", "--directions", layer_file, *common])
+    m = LandscapeResult.load(out["results"][0]).meta
+    assert m["labels"] == {"alpha": "α (layer-normalised direction 1)", "beta": "β (layer-normalised direction 2)"}
+
+    bare = dict(saved)  # a direction file that does not say how it was normalised
+    del bare["normalisation"]
+    bare["meta"] = {"seed": 0}
+    bare_file = str(tmp_path / "bare.pt")
+    torch.save(bare, bare_file)
+    n = sum(t.numel() for t in saved["vectors"][0])
+    eig_file = str(tmp_path / "eigenvectors_step7.pt")  # the HessianEigenvalues callback's format
+    vectors = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
+    torch.save(vectors / vectors.norm(dim=1, keepdim=True), eig_file)
+    for source in (bare_file, eig_file):
+        out = main(["--ckpt_path", last, "--mode", "line", "--directions", source, *common])
+        m = LandscapeResult.load(out["results"][0]).meta
+        assert m["normalisation"] == "unknown/as saved", source
+        assert "filter" not in m["labels"]["alpha"] and "unknown/as saved" in m["labels"]["alpha"], source
+
+
 def test_eigen_mode_writes_a_line_per_eigenvector(run_ckpts):
     last, _ = run_ckpts
     out = main(["--ckpt_path", last, "--mode", "eigen", "--top_k", "2", "--alphas", "-0.2:0.2:3", *SAMPLE])
