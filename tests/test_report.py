@@ -228,8 +228,10 @@ def test_figures_are_deterministic_and_readable(tmp_path):
 
 
 def test_landscapes_drawn_and_overlaid(tmp_path):
-    surface = pytest.importorskip("flatlit.landscape.surface")
-    pytest.importorskip("flatlit.landscape.plots")
+    # flatlit's own modules: a broken import must fail here, not skip (the report would only leave a note)
+    import flatlit.landscape.plots  # noqa: F401
+    from flatlit.landscape import surface
+
     runs = [make_run(tmp_path, n, sgd_config(), full=False) for n in ("a", "b")]
     alphas = np.linspace(-1, 1, 5)
     for k, run in enumerate(runs):

@@ -42,8 +42,7 @@ def config(tmp_path, family: str, data: dict, name: str, arch: str = "lenet", ev
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {
-                        "dirpath": str(tmp_path / name / "ckpt"),
-                        "every_n_train_steps": 3,
+                        "every_n_train_steps": every,
                         "save_last": True,
                     },
                 }
@@ -72,10 +71,16 @@ def flatlit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
+def run_dir(tmp_path, name: str):
+    """The run directory; ModelCheckpoint writes to its ``checkpoints`` folder (its default), so a resumed run
+    continues it (the CLI's ``continue_run_directory``) and finds the history.csv the killed run wrote."""
+    return tmp_path / "runs" / name / "version_0"
+
+
 def final_state(tmp_path, name: str):
-    ckpt = torch.load(tmp_path / name / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
-    version = sorted(os.listdir(tmp_path / "runs" / name))[-1]
-    with open(tmp_path / "runs" / name / version / "history.csv") as f:
+    ckpt = torch.load(run_dir(tmp_path, name) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert os.listdir(tmp_path / "runs" / name) == ["version_0"]  # one run directory, continued by the resumed run
+    with open(run_dir(tmp_path, name) / "history.csv") as f:
         history = f.read()
     return ckpt, history
 
@@ -91,7 +96,9 @@ def assert_same_run(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[k][field])), (k, field)
 
 
-def kill_and_resume(tmp_path, family: str, data: dict, kill_step: int, arch: str = "lenet", every: int = 3) -> None:
+def kill_and_resume(tmp_path, family: str, data: dict, kill_step: int, arch: str = "lenet", every: int = 3) -> dict:
+    """Run ``family`` uninterrupted, then killed at ``kill_step`` and resumed from its newest checkpoint (written every
+    ``every`` training steps); assert both runs end identical and return the checkpoint the resumed run started from."""
     full = flatlit("--config", config(tmp_path, family, data, "full", arch, every))
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -103,9 +110,9 @@ def kill_and_resume(tmp_path, family: str, data: dict, kill_step: int, arch: str
         f"--trainer.callbacks.init_args.step={kill_step}",
     )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup, no final checkpoint
-    last = tmp_path / "killed" / "ckpt" / "last.ckpt"
-    saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < saved_step <= kill_step
+    last = run_dir(tmp_path, "killed") / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)  # the checkpoint the run resumes from
+    assert 0 < saved["global_step"] <= kill_step
     resumed = flatlit("--config", killed_cfg, "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr
@@ -113,6 +120,7 @@ def kill_and_resume(tmp_path, family: str, data: dict, kill_step: int, arch: str
     (a, hist_a), (b, hist_b) = final_state(tmp_path, "full"), final_state(tmp_path, "killed")
     assert_same_run(a, b)
     assert hist_a == hist_b
+    return saved
 
 
 def mnist_data(mnist_dir: str) -> dict:
@@ -144,7 +152,10 @@ def test_sigkill_after_a_checkpoint_on_an_epochs_last_batch(tmp_path, mnist_dir)
     """Lightning resumes such a checkpoint in the next epoch without rerunning the epoch's end: the epoch-interval
     scheduler of a manual-optimization family must already be stepped, and the epoch's history row kept."""
     step = random.Random(7).randrange(STEPS_PER_EPOCH + 2, 2 * STEPS_PER_EPOCH - 1)
-    kill_and_resume(tmp_path, "sam", mnist_data(mnist_dir), step, every=STEPS_PER_EPOCH)
+    saved = kill_and_resume(tmp_path, "sam", mnist_data(mnist_dir), step, every=STEPS_PER_EPOCH)
+    # it really resumed from epoch 0's last batch: before that epoch's end hooks (scheduler, history row) ran
+    assert saved["global_step"] == STEPS_PER_EPOCH and saved["epoch"] == 0
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]
 
 
 def test_sigkill_folder_dataset_with_workers(tmp_path):

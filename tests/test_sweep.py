@@ -306,7 +306,6 @@ def test_failing_trial_is_reported_with_its_reason_and_retried(tmp_path, mnist_d
     assert all(a.user_attrs["failure"] == "RuntimeError: boom at seed 1" for a in fails)
 
 
-@pytest.mark.slow
 def test_submitit_debug_executor_end_to_end(tmp_path, mnist_dir):
     base = base_config(tmp_path, mnist_dir)
     path = sweep_file(tmp_path, base, grid={"seed_everything": [0]}, slurm={"cluster": "debug", "timeout_min": 5})
@@ -332,11 +331,12 @@ def test_submitit_local_executor_runs_and_requeues_a_preempted_trial(tmp_path, m
     assert attempt.user_attrs["attempt"] == 1 and attempt.state.name == "COMPLETE"  # one job, requeued in place
 
 
-@pytest.mark.slow
 def test_sigkill_of_driver_and_running_trial_mid_training_resumes_from_last_ckpt(tmp_path, mnist_dir):
-    grid = {"seed_everything": [0, 1]}
+    # one trial: the trials never started are covered by the test above; here the killed trial resumes mid-training
+    grid = {"seed_everything": [0]}
     plain = base_config(tmp_path, mnist_dir, epochs=2, name="plain")
-    ref = main(["--config", sweep_file(tmp_path, plain, name="reference", grid=grid), "--workers", "2"])
+    # as many workers as the killed sweep: a trial's CPU threads (cores // workers) change its float32 sums
+    ref = main(["--config", sweep_file(tmp_path, plain, name="reference", grid=grid), "--workers", "1"])
     kill = {"class_path": "tests.test_sweep.KillSweep", "init_args": {"trial": "trial-0000", "epoch": 1}}
     base = base_config(tmp_path, mnist_dir, epochs=2, callbacks=[kill], name="killing")
     path = sweep_file(tmp_path, base, name="killed", grid=grid)
@@ -344,18 +344,20 @@ def test_sigkill_of_driver_and_running_trial_mid_training_resumes_from_last_ckpt
     proc.join(timeout=300)
     assert proc.exitcode == -signal.SIGKILL
     output = str(tmp_path / "out" / "killed")
-    assert not os.path.exists(os.path.join(output, "trials", "trial-0000", "final_metrics.json"))
+    trial = os.path.join(output, "trials", "trial-0000")
+    assert not os.path.exists(os.path.join(trial, "final_metrics.json"))
+    assert torch.load(os.path.join(trial, "checkpoints", "last.ckpt"), weights_only=False)["epoch"] == 0  # mid-run
     summary = main(["--config", path, "--workers", "1"])
-    assert summary["done"] == 2
+    assert summary["done"] == 1
     commands = fit_commands(output, "trial-0000")
     assert len(commands) == 2 and "checkpoints/last.ckpt" in commands[1]
     a, b = results(ref["output"]), results(output)
-    for trial in ("trial-0000", "trial-0001"):
-        assert {k: a[trial][k] for k in METRICS} == {k: b[trial][k] for k in METRICS}, trial
-        ca = torch.load(os.path.join(ref["output"], "trials", trial, "checkpoints", "last.ckpt"), weights_only=False)
-        cb = torch.load(os.path.join(output, "trials", trial, "checkpoints", "last.ckpt"), weights_only=False)
-        assert all(torch.equal(v, cb["state_dict"][k]) for k, v in ca["state_dict"].items())
-        with open(os.path.join(ref["output"], "trials", trial, "final_metrics.json")) as f:
-            expected = json.load(f)
-        with open(os.path.join(output, "trials", trial, "final_metrics.json")) as f:
-            assert json.load(f) == expected
+    assert {k: a["trial-0000"][k] for k in METRICS} == {k: b["trial-0000"][k] for k in METRICS}
+    reference = os.path.join(ref["output"], "trials", "trial-0000")
+    ca = torch.load(os.path.join(reference, "checkpoints", "last.ckpt"), weights_only=False)
+    cb = torch.load(os.path.join(trial, "checkpoints", "last.ckpt"), weights_only=False)
+    assert all(torch.equal(v, cb["state_dict"][k]) for k, v in ca["state_dict"].items())
+    with open(os.path.join(reference, "final_metrics.json")) as f:
+        expected = json.load(f)
+    with open(os.path.join(trial, "final_metrics.json")) as f:
+        assert json.load(f) == expected

@@ -43,14 +43,17 @@ class GeneralizationTargets(Callback):
     ``final/test_loss``, ``final/test_acc``, ``final/gen_gap_acc`` (= train_acc − test_acc) and
     ``final/gen_gap_loss`` (= test_loss − train_loss) to every logger (at the last step), adds them to the last row
     of ``history.csv`` and writes them with the run's epoch/step and convergence to ``final_metrics.json`` in the
-    run directory. The loss is the module's ``loss_fn`` (the training objective: label smoothing or the square loss
-    included), else ``loss_fn``, else cross-entropy.
+    run directory. The loss is the ``loss_fn`` argument, else the module's ``loss_fn`` (the training objective: label
+    smoothing or the square loss included), else cross-entropy.
 
     Stopping rule: every ``every_n_epochs`` epochs the full training split is evaluated the same way (logged as
     ``full_train/loss`` and ``full_train/acc``); the first time the loss is ≤ ``stop_loss`` or the error
     (1 − accuracy) is ≤ ``stop_error``, the state is saved as ``converged.ckpt`` (next to the ModelCheckpoint's files,
     else in ``<log_dir>/checkpoints``) and training stops (``stop=True``; Lightning's ``min_epochs``/``min_steps``
-    still apply).
+    still apply). The rule compares exactly the values logged: the float64 means ``full_train/loss`` (Σ batch-mean
+    loss · batch size / n, summed in float64) and ``1 − full_train/acc`` (correct / n), logged as float64 tensors so
+    that Lightning keeps them unrounded and ``history.csv`` holds them exactly (not rounded to float32); a threshold
+    copied from ``history.csv`` fires at that very epoch.
 
     Observe, never perturb: the evaluation runs under ``torch.no_grad`` on separate batches (the training loader is
     never iterated), every module's train flag, the BatchNorm buffers and the torch/NumPy/Python RNG states are
@@ -190,7 +193,8 @@ class GeneralizationTargets(Callback):
         return metrics
 
     def rule_met(self, metrics: dict[str, float]) -> bool:
-        """Whether the stopping rule holds for full-pass training metrics ``{"loss", "acc"}``."""
+        """Whether the stopping rule holds for full-pass training metrics ``{"loss", "acc"}``: ``loss ≤ stop_loss``
+        or ``1.0 − acc ≤ stop_error``, compared in float64 on the very values logged as ``full_train/*``."""
         by_loss = self.stop_loss is not None and metrics["loss"] <= self.stop_loss
         by_error = self.stop_error is not None and 1.0 - metrics["acc"] <= self.stop_error
         return by_loss or by_error
@@ -220,8 +224,14 @@ class GeneralizationTargets(Callback):
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, log: bool) -> None:
         metrics = self._train_metrics(trainer, pl_module)
         if log:
+            # float64 tensors: a Python float would be logged as a float32 tensor (Lightning's default dtype), and
+            # the logged value would differ from the one the rule compares
+            f64 = {"dtype": torch.float64, "device": pl_module.device}
             pl_module.log_dict(
-                {"full_train/loss": metrics["loss"], "full_train/acc": metrics["acc"]},
+                {
+                    "full_train/loss": torch.tensor(metrics["loss"], **f64),
+                    "full_train/acc": torch.tensor(metrics["acc"], **f64),
+                },
                 on_step=False,
                 on_epoch=True,
                 batch_size=1,

@@ -129,8 +129,8 @@ class BatchTransform:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         if self._aa is not None and x.dtype == torch.uint8:
-            # AutoAugment picks one sub-policy per image: done image by image, on tensors (no PIL).
-            x = torch.stack([self._aa(img) for img in x])
+            assert gen is not None, "training augmentation needs a generator"
+            x = self._autoaugment(x, gen)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if self.augment != "none":
             assert gen is not None, "training augmentation needs a generator"
@@ -144,6 +144,19 @@ class BatchTransform:
         if self.augment in ("cutout", "autoaugment"):
             x = cutout(x, self.cutout_size, gen)
         return x
+
+    def _autoaugment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """AutoAugment, image by image on tensors (no PIL): one sub-policy per image.
+
+        torchvision draws the sub-policy, its probabilities and signs from the global CPU RNG; they are drawn here
+        under a fork of that RNG seeded from ``gen`` (one draw of ``gen`` per batch), so the augmentation is a
+        function of the batch generator alone and the global RNG is left as it was.
+        """
+        assert self._aa is not None
+        seed = int(torch.randint(0, 2**62, (), generator=gen, device=gen.device))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the ops themselves draw nothing
+            torch.default_generator.manual_seed(seed)
+            return torch.stack([self._aa(img) for img in x])
 
 
 class Cutout(torch.nn.Module):

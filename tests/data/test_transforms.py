@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from flatlit.data.loader import InMemoryLoader
 from flatlit.data.transforms import BatchTransform, cutout, random_crop, random_hflip, resolve_stats
 from flatlit.errors import ConfigError
 
@@ -50,3 +51,28 @@ def test_center_normalisation_and_bad_preset():
     assert z.mean(0).abs().max() < 1e-5 and abs(z.std().item() - 1) < 1e-2
     with pytest.raises(ConfigError, match=r"data.init_args.augment: unknown value 'mixup'"):
         BatchTransform("mixup")
+
+
+def test_autoaugment_in_memory_draws_from_the_batch_generator_only():
+    """Batch b of the in-memory loader is a function of (seed, epoch, rank, b): AutoAugment's choices included, so
+    the same batch comes back whatever the global RNG state (a resumed run), and the global RNG is not consumed."""
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    targets = torch.arange(24)
+
+    def batches(global_seed: int, skip: int = 0) -> list[torch.Tensor]:
+        loader = InMemoryLoader(images, targets, 6, BatchTransform("autoaugment"), shuffle=True, seed=3)
+        loader.sampler.set_epoch(1)
+        loader.load_state_dict({"epoch": 1, "batches_yielded": skip})
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        out = [x for x, _ in loader]
+        assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
+        return out
+
+    a, b, resumed = batches(0), batches(1), batches(2, skip=2)
+    assert len(a) == 4 and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a[2:], resumed))
+    # AutoAugment does act, and differently for another batch seed (not only crop, flip and cutout)
+    t = BatchTransform("autoaugment")
+    aa = [t._autoaugment(images, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(aa[0], aa[1]) and not torch.equal(aa[0], aa[2]) and not torch.equal(aa[0], images)
