@@ -14,7 +14,11 @@ in the axis labels are the file's, not the ``--norm``/``--bias_bn`` flags' (whic
 here); a file that does not record them (an ``eigenvectors_step*.pt``, an old or hand-made set) says
 ``unknown/as saved``.
 ``--alphas a:b:n`` is ``n`` evenly spaced points from a to b (both included). The model and data are rebuilt from
-the run's ``config.yaml`` and the loss is the mean training loss on a fixed seeded sample of the training split.
+the run's ``config.yaml`` and the loss is the mean training loss on a fixed seeded sample of the training split: the
+module's own loss by flatlit's one resolution order (:func:`flatlit.objective.resolve_objective`: ``curvature_loss``
+where the module defines it, else a flatlit family's ``training_loss``), on batches of any structure (e.g. the dict
+batches of a sequence-to-sequence task). The accuracy is that of the module's class logits (a family's
+``accuracy_inputs``: token accuracy for a sequence model); a module without them gets the loss only.
 
 Results go to ``RUN/landscapes/<mode>_<checkpoint>_<hash of the arguments>.npz`` (or ``--output``; eigen mode
 appends ``_e1``, ``_e2``, ...) with the directions beside it (``.directions.pt``) and the figures (``.png``). The
@@ -218,7 +222,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         sample = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
     except ConfigError as err:
         raise ConfigError(f"--{err}") from None
-    batches = [(x.to(device), y.to(device)) for x, y in sample]
+    batches = [_to_device(b, device) for b in sample]
+    if not batches:
+        raise ConfigError("--num_samples: the sample is empty.")
+    objective, functions = _objective(module, batches[0])
     norm = None if opts.norm == "none" else opts.norm
     ckpts = [os.path.abspath(c) for c in opts.ckpt_path]
     meta: dict[str, Any] = {
@@ -266,7 +273,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             sys.stderr.write(
                 f"landscape: top-{opts.top_k} Hessian eigenvectors by Lanczos on {opts.num_samples} examples\n"
             )
-            directions = eigen_directions(module, batches, module.loss_fn, k=opts.top_k, seed=opts.seed)
+            directions = eigen_directions(
+                module,
+                batches,
+                k=opts.top_k,
+                seed=opts.seed,
+                batch_loss=objective.loss_of,
+                owner="flatlit landscape --mode eigen",
+            )
         else:
             num = 2 if opts.mode == "plane" else 1
             directions = random_directions(module, num, opts.seed, norm, opts.bias_bn)
@@ -306,7 +320,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 dirs,
                 alphas,
                 betas,
-                loss_fn=module.loss_fn,
+                batch_loss=functions.batch_loss,
+                logits_fn=functions.logits_fn,
                 bn=bn,
                 path=path,
                 meta=info,
@@ -360,6 +375,30 @@ def _axis_labels(mode: str, normalisation: str | None, described: bool) -> dict[
             k: f"{sym} (direction{f' {i}' if i else ''}, normalisation {normalisation})" for k, (sym, i) in axes.items()
         }
     return {k: sym for k, (sym, _) in axes.items()}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors, or tuples/lists/dicts of them) with every tensor on ``device``."""
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.to(device))
+
+
+def _objective(module: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
+    """The module's objective (checked on one batch: one line when its loss fails or is not a scalar) and the
+    evaluation functions of the landscape (the accuracy, where the module gives class logits)."""
+    from flatlit.landscape.evaluation import evaluation_functions
+    from flatlit.objective import resolve_objective
+    from flatlit.sharpness.base import observed
+
+    objective = resolve_objective(module, "flatlit landscape")
+    with observed(module):  # the module is left as it was
+        module.eval()
+        objective.check(batch)
+    functions = evaluation_functions(objective, batch)
+    if functions.no_accuracy is not None:
+        sys.stderr.write(f"landscape: {functions.no_accuracy}; the landscape shows the loss only.\n")
+    return objective, functions
 
 
 def _eigen_path(output: str, i: int) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from flatlit.batching import batch_size
 from flatlit.errors import ConfigError, FlatlitError
 from flatlit.runs import load_init_state, load_run, sha256, write_json
 from flatlit.safe_loading import add_trust_argument
@@ -163,7 +164,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
     for key in ("num_samples", "batch_size"):
         if getattr(opts, key) < 1:
             raise ConfigError(f"--{key}: must be >= 1, got {getattr(opts, key)}.")
+    from flatlit.objective import resolve_objective
     from flatlit.sharpness import MeasureInputs, compute_measure
+    from flatlit.sharpness.base import inapplicable_reason, observed, set_bn_policy
 
     measures = _resolve_measures(opts.measures, _settings(opts.settings))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -173,20 +176,42 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
         train = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
     except ConfigError as err:
         raise ConfigError(f"--{err}") from None
-    batches = [(x.to(device), y.to(device)) for x, y in train]
+    batches = [_to_device(b, device) for b in train]
     test_batches = None
     if any(s.get("split") == "test" for s in measures.values()):
         dm.setup("test")
         test_batches, n = [], 0
-        for x, y in dm.test_dataloader():
-            test_batches.append((x.to(device), y.to(device)))
-            n += len(y)
+        for batch in dm.test_dataloader():
+            test_batches.append(_to_device(batch, device))
+            n += batch_size(batch)
             if n >= opts.num_samples:
                 break
     init_path = os.path.join(run_dir, "model_init.ckpt")
     init_state = load_init_state(run_dir, device, trust=opts.trust_code)
     num_train = len(dm.train_indices) if getattr(dm, "train_indices", None) is not None else None
-    inputs = MeasureInputs(module, batches, module.loss_fn, init_state, test_batches, num_train)
+    # the module's own loss and logits (a flatlit family: its training_loss and accuracy_inputs; curvature_loss and
+    # outputs_and_targets where defined), so batches of any structure work
+    objective = resolve_objective(module, "flatlit measure")
+    with observed(module):  # the loss must apply to the batches (one line otherwise); the module is left as it was
+        set_bn_policy(module, "eval")
+        objective.check(batches[0])
+    inputs = MeasureInputs(
+        module,
+        batches,
+        init_state=init_state,
+        test_batches=test_batches,
+        num_train=num_train,
+        batch_loss=objective.loss_of,
+        logits_fn=objective.logits_of,
+    )
+    skipped: dict[str, str] = {}
+    for name, settings in measures.items():
+        reason = inapplicable_reason(name, inputs, **settings)
+        if reason is not None and opts.measures:
+            raise ConfigError(f"--measures: {reason}")
+        if reason is not None:
+            skipped[name] = reason.replace(f"measure {name!r} ", "", 1)
+    measures = {name: settings for name, settings in measures.items() if name not in skipped}
 
     output = opts.output or os.path.join(os.path.dirname(os.path.abspath(opts.ckpt_path)), "measures.json")
     digest = sha256(opts.ckpt_path)
@@ -194,7 +219,6 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
     cache["checkpoint"] = {"path": os.path.abspath(opts.ckpt_path), "sha256": digest}
     sample = {"num_samples": opts.num_samples, "batch_size": opts.batch_size, "seed": opts.seed}
     done: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()  # a bar on a terminal, a line per measure in a log file
@@ -224,6 +248,13 @@ def run(opts: argparse.Namespace) -> dict[str, Any] | None:
     write_json(output, cache)
     _print_table(done, skipped, output)
     return done
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors, or tuples/lists/dicts of them) with every tensor on ``device``."""
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.to(device))
 
 
 def _print_table(done: dict[str, Any], skipped: dict[str, str], output: str) -> None:

@@ -11,6 +11,13 @@ the accuracy and loss of ``draws`` networks with noisy weights (mean ± std; Smo
 each attack and ε, the robust accuracy (foolbox, in [0, 1] pixel space, ε in pixel units: ``--eps`` for the L∞
 attacks fgsm and pgd_linf, ``--eps_l2`` for pgd_l2). See docs/robustness.md and :mod:`flatlit.landscape.robustness`.
 
+The loss is the module's own, by flatlit's one resolution order (:func:`flatlit.objective.resolve_objective`:
+``curvature_loss`` where the module defines it, else a flatlit family's ``training_loss``), on batches of any
+structure, and the accuracy that of its class logits (a family's ``accuracy_inputs``: token accuracy for a sequence
+model; ``NaN`` for a module without them). The attacks need image batches ``(x, y)`` whose outputs are the class
+logits the accuracy counts: on other batches (e.g. a sequence-to-sequence task's dicts), asking for an attack is an
+error (one line), and the default attacks are skipped with one line each.
+
 Results go to ``robustness.json`` beside the checkpoint after every entry, cached by (checkpoint content, entry,
 sample): a second call computes only what is missing, and a call killed half-way keeps what it finished. Bad input
 is one ``flatlit: error: ...`` line (exit code 2).
@@ -62,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales", nargs="+", default=list(DEFAULT_SCALES), help="noise scales s: w + s·u or w·(1 + s·u), u ~ U(-1, 1)"
     )
     p.add_argument("--draws", type=int, default=5, help="seeded noise draws per (kind, scale)")
-    p.add_argument("--attacks", nargs="*", default=list(ATTACKS), help=f"attacks ({', '.join(ATTACKS)}; none: off)")
+    p.add_argument(
+        "--attacks",
+        nargs="*",
+        default=None,
+        help=f"attacks ({', '.join(ATTACKS)}; default all, skipped where they do not apply; none: off)",
+    )
     p.add_argument("--eps", nargs="+", default=["8/255"], help="L∞ radii of fgsm and pgd_linf, in pixels (8/255 ok)")
     p.add_argument("--eps_l2", nargs="+", default=["0.5"], help="L2 radii of pgd_l2, in pixel units")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="PGD steps (step size 2.5·ε/steps)")
@@ -115,7 +127,7 @@ def _plan(opts: argparse.Namespace) -> list[dict[str, Any]]:
     if not opts.ckpt_path:
         raise ConfigError("--ckpt_path: required (the checkpoint to evaluate); see `flatlit robustness --help`.")
     kinds = _choices("noise", "noise kind", opts.noise, NOISE_KINDS)
-    attacks = _choices("attacks", "attack", opts.attacks, ATTACKS)
+    attacks = _choices("attacks", "attack", list(ATTACKS) if opts.attacks is None else opts.attacks, ATTACKS)
     scales, eps, eps_l2 = _numbers("scales", opts.scales), _numbers("eps", opts.eps), _numbers("eps_l2", opts.eps_l2)
     for key in ("draws", "steps", "num_samples", "batch_size"):
         if getattr(opts, key) < 1:
@@ -130,9 +142,10 @@ def _plan(opts: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
-def sample_test_split(dm: Any, num_samples: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sample_test_split(dm: Any, num_samples: int, batch_size: int, seed: int) -> list[Any]:
     """A fixed seeded sample of the test split (sorted positions of a seeded permutation) with the evaluation
-    transform, as CPU (x, y) batches; only the sampled examples are read."""
+    transform, as CPU batches: (x, y) for image data, else as the test loader's ``collate_fn`` makes them (e.g. dicts);
+    only the sampled examples are read."""
     from torch.utils.data import DataLoader, Subset
 
     dm.setup("fit")  # the normalisation statistics of training ('center' computes them from the training split)
@@ -152,8 +165,13 @@ def sample_test_split(dm: Any, num_samples: int, batch_size: int, seed: int) -> 
             (loader.transform(images[i : i + batch_size]).cpu(), targets[i : i + batch_size].cpu())
             for i in range(0, num_samples, batch_size)
         ]
-    sub = DataLoader(Subset(loader.dataset, pos.tolist()), batch_size=batch_size, num_workers=loader.num_workers)
-    return [(x, y) for x, y in sub]
+    sub = DataLoader(
+        Subset(loader.dataset, pos.tolist()),
+        batch_size=batch_size,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )
+    return [tuple(b) if isinstance(b, list) and len(b) == 2 else b for b in sub]
 
 
 # ---- cache -----------------------------------------------------------------------------------------------------------
@@ -178,31 +196,66 @@ def _describe(item: dict[str, Any]) -> str:
 
 
 def _load_inputs(opts: argparse.Namespace) -> dict[str, Any]:
-    """The checkpoint's module, the fixed test sample on its device, the DataModule's normalisation, the loss."""
+    """The checkpoint's module, the fixed test sample on its device, the DataModule's normalisation, the module's
+    loss and logits (checked on one batch) and why the attacks do not apply (None when they do)."""
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    from flatlit.landscape.evaluation import evaluation_functions
+    from flatlit.landscape.robustness import attack_inapplicable_reason
+    from flatlit.objective import resolve_objective
+    from flatlit.sharpness.base import observed
+
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module, dm, _, _ = load_run(opts.ckpt_path, opts.config, device, trust=opts.trust_code)
     sample = sample_test_split(dm, opts.num_samples, opts.batch_size, opts.seed)
+    batches = [apply_to_collection(b, torch.Tensor, lambda t: t.to(device)) for b in sample]
+    objective = resolve_objective(module, "flatlit robustness")
+    with observed(module):  # the loss must apply to the batches (one line otherwise); the module is left as it was
+        module.eval()
+        objective.check(batches[0])
+    functions = evaluation_functions(objective, batches[0])
+    if functions.no_accuracy is not None:
+        sys.stderr.write(f"robustness: {functions.no_accuracy}; accuracies are NaN.\n")
     return {
         "module": module,
-        "batches": [(x.to(device), y.to(device)) for x, y in sample],
+        "batches": batches,
         "normalization": getattr(dm, "normalization", None),
-        "loss_fn": getattr(module, "loss_fn", torch.nn.functional.cross_entropy),
+        "batch_loss": functions.batch_loss,
+        "logits_fn": functions.logits_fn,
+        "attack_reason": attack_inapplicable_reason(module, batches[0], functions.logits_fn),
     }
 
 
 def _compute(item: dict[str, Any], inputs: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
     from flatlit.landscape import robustness as R
 
-    module, batches, loss_fn = inputs["module"], inputs["batches"], inputs["loss_fn"]
+    module, batches = inputs["module"], inputs["batches"]
+    fns = {"batch_loss": inputs["batch_loss"], "logits_fn": inputs["logits_fn"]}
     if item["part"] == "clean":
-        return R.accuracy_and_loss(module, batches, loss_fn).as_dict()
+        return R.accuracy_and_loss(module, batches, **fns).as_dict()
     if item["part"] == "weight_noise":
         return R.weight_noise_robustness(
-            module, batches, item["kind"], item["scale"], item["draws"], opts.seed, loss_fn
+            module, batches, item["kind"], item["scale"], item["draws"], opts.seed, **fns
         ).as_dict()
     return R.adversarial_robustness(
         module, batches, item["attack"], item["eps"], inputs["normalization"], opts.steps, opts.seed
     ).as_dict()
+
+
+def _without_attacks(
+    plan: list[dict[str, Any]], keys: list[str], opts: argparse.Namespace, reason: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The plan without its adversarial entries, which cannot run (``reason``): asked for with ``--attacks``, one
+    error line; part of the default list, one line per skipped attack."""
+    attacks = list(dict.fromkeys(item["attack"] for item in plan if item["part"] == "adversarial"))
+    if attacks and opts.attacks is not None:
+        raise ConfigError(
+            f"--attacks: {', '.join(attacks)}: {reason}; leave them out (--attacks with no value runs none)."
+        )
+    for attack in attacks:
+        sys.stderr.write(f"robustness: skipped {attack}: {reason}.\n")
+    kept = [(item, key) for item, key in zip(plan, keys) if item["part"] != "adversarial"]
+    return [item for item, _ in kept], [key for _, key in kept]
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -215,6 +268,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     # the model and data are loaded only when something is missing (this also checks the checkpoint and
     # --num_samples before any work): a fully cached call reads the checkpoint's bytes and nothing else
     inputs = _load_inputs(opts) if any(k not in cache for k in keys) else None
+    if inputs is not None and inputs["attack_reason"] is not None:
+        plan, keys = _without_attacks(plan, keys, opts, inputs["attack_reason"])
     result: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "checkpoint": {"path": os.path.abspath(opts.ckpt_path), "sha256": digest},

@@ -36,7 +36,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -44,44 +43,27 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
 from flatlit.callbacks.history import HistoryCSV
-from flatlit.curvature import EigenResult, HessianOperator, hutchinson, lanczos, lobpcg, select_params, slq_density
+from flatlit.curvature import EigenResult, HessianOperator, hutchinson, lanczos, lobpcg, slq_density
 from flatlit.curvature.hvp import batch_size, evaluation_mode
 from flatlit.errors import ConfigError
 from flatlit.nn_utils import preserved_rng, rank0_buffers
+from flatlit.objective import (
+    X_KEYS,
+    Y_KEYS,
+    Objective,
+    ParamsSpec,
+    class_logits,
+    resolve_objective,
+    select_parameters,
+    unpack_xy,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
-X_KEYS = ("x", "input", "inputs", "image", "images")
-Y_KEYS = ("y", "target", "targets", "label", "labels")
+__all__ = ["X_KEYS", "Y_KEYS", "CurvatureCallback", "class_logits", "unpack_xy"]
 
 # the values are identical on every rank (the operator is all-reduced): Lightning's sync_dist advice does not apply
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(hessian|sharpness|complexity)/")
-
-
-def unpack_xy(batch: Any, owner: str) -> tuple[Any, Any]:
-    """``(x, y)`` of a tuple/list batch (its first two items) or a dict batch (the usual keys)."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        xk = next((k for k in X_KEYS if k in batch), None)
-        yk = next((k for k in Y_KEYS if k in batch), None)
-        if xk is not None and yk is not None:
-            return batch[xk], batch[yk]
-        what = f"a dict with keys {sorted(map(str, batch))}"
-    else:
-        what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    raise ConfigError(
-        f"{owner}: cannot unpack a training batch that is {what} into (inputs, targets). Pass "
-        f"{owner}(batch_loss=...), a callable batch_loss(pl_module, batch) returning the batch-mean loss, or define "
-        "curvature_loss(self, batch) on the LightningModule (and transfer_batch_to_device if the batch needs "
-        "custom moving)."
-    )
-
-
-def _shape(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    return type(value).__name__
 
 
 class CurvatureCallback(Callback):
@@ -98,9 +80,14 @@ class CurvatureCallback(Callback):
         augment: apply the training augmentation to the sample (flatlit DataModules; Jastrzębski et al.'s
             ``lanczos_aug``).
         include_l2: include the L2 penalty ½λ‖θ‖² with λ the optimizer's ``weight_decay``.
-        loss_fn: ``loss_fn(pl_module(x), y)``; default: the module's callable ``loss_fn``, else cross-entropy.
+        loss_fn: ``loss_fn(pl_module(x), y)`` (see :mod:`flatlit.objective` for the whole resolution order: an
+            explicit ``batch_loss``, then ``loss_fn``, the module's ``curvature_loss(batch)``, a flatlit family's
+            ``training_loss``, the module's ``loss_fn``, cross-entropy on class logits).
         batch_loss: ``batch_loss(pl_module, batch)`` returning the batch-mean loss of any batch (dicts, several
-            inputs); takes precedence over ``loss_fn`` and the module's ``curvature_loss(batch)``.
+            inputs); takes precedence over everything else.
+        params: the parameters to measure: a callable ``pl_module -> parameters`` or ``fnmatch`` name patterns
+            (e.g. ``"discriminator.*"``); default every trainable parameter. Parameters the loss does not reach are
+            an error at setup.
         exclude_bn, exclude_bias: leave BatchNorm parameters / biases out of the Hessian.
         bn_mode: ``eval`` (running statistics, default) or ``train`` (batch statistics, buffers restored).
         backend: ``double`` (double backward) or ``func`` (torch.func forward-over-reverse).
@@ -123,6 +110,7 @@ class CurvatureCallback(Callback):
         include_l2: bool = False,
         loss_fn: LossFn | None = None,
         batch_loss: BatchLossFn | None = None,
+        params: ParamsSpec = None,
         exclude_bn: bool = False,
         exclude_bias: bool = False,
         bn_mode: str = "eval",
@@ -149,7 +137,7 @@ class CurvatureCallback(Callback):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.every_n_epochs, self.every_n_steps, self.at_train_start = every_n_epochs, every_n_steps, at_train_start
         self.resample, self.augment, self.include_l2 = resample, augment, include_l2
-        self.loss_fn, self.batch_loss = loss_fn, batch_loss
+        self.loss_fn, self.batch_loss, self.param_spec = loss_fn, batch_loss, params
         self.exclude_bn, self.exclude_bias, self.bn_mode, self.backend = exclude_bn, exclude_bias, bn_mode, backend
         self.seed, self.progress_every = seed, progress_every
         self.num_measurements = 0
@@ -203,7 +191,7 @@ class CurvatureCallback(Callback):
         return self._batches
 
     def params(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
-        return select_params(pl_module, self.exclude_bn, self.exclude_bias)
+        return select_parameters(pl_module, self.param_spec, self.exclude_bn, self.exclude_bias, type(self).__name__)
 
     @staticmethod
     def move(batch: Any, pl_module: pl.LightningModule) -> Any:
@@ -213,29 +201,13 @@ class CurvatureCallback(Callback):
         return apply_to_collection(batch, torch.Tensor, lambda t: t.to(dtype=p.dtype) if t.is_floating_point() else t)
 
     # ---- loss --------------------------------------------------------------------------------------------------
-    def _pair_loss_fn(self, pl_module: pl.LightningModule) -> tuple[LossFn, str]:
-        if self.loss_fn is not None:
-            return self.loss_fn, f"{type(self).__name__}(loss_fn)"
-        if callable(getattr(pl_module, "loss_fn", None)):
-            return pl_module.loss_fn, f"{type(pl_module).__name__}.loss_fn"
-        return F.cross_entropy, f"{type(self).__name__}(loss_fn)"
+    def objective(self, pl_module: pl.LightningModule) -> Objective:
+        """The module's loss (and logits) by flatlit's one resolution order (:mod:`flatlit.objective`)."""
+        return resolve_objective(pl_module, type(self).__name__, self.batch_loss, self.loss_fn)
 
     def module_batch_loss(self, pl_module: pl.LightningModule) -> Callable[[Any], torch.Tensor]:
-        """The batch-mean loss of a (moved) batch, as the module trains on it (see the module docstring)."""
-        if self.batch_loss is not None:
-            fn = self.batch_loss
-            return lambda batch: fn(pl_module, batch)
-        hook = getattr(pl_module, "curvature_loss", None)
-        if callable(hook):
-            return hook
-        loss_fn, _ = self._pair_loss_fn(pl_module)
-        owner = type(self).__name__
-
-        def pair_loss(batch: Any) -> torch.Tensor:
-            x, y = unpack_xy(batch, owner)
-            return loss_fn(pl_module(x), y)
-
-        return pair_loss
+        """The batch-mean loss of a (moved) batch, as the module trains on it (see :mod:`flatlit.objective`)."""
+        return self.objective(pl_module).loss
 
     def operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianOperator:
         batches = [self.move(b, pl_module) for b in self.batches(trainer)]
@@ -255,51 +227,19 @@ class CurvatureCallback(Callback):
     # ---- validation at setup -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse at setup, with one line, what would fail mid-run: the loss on a training batch (not a scalar, not
+        applicable to the outputs), a ``params`` that selects nothing or parameters the loss does not reach."""
         if stage != "fit":
             return
         self.check_sizes(pl_module)
         batch = self.move(self.batches(trainer)[0], pl_module)
-        with torch.no_grad(), preserved_rng(), evaluation_mode(pl_module):  # every module's flag and BN buffer kept
-            loss = self._probe(pl_module, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError(
-                f"{type(self).__name__}: the loss must be a scalar tensor (the batch mean), got "
-                f"{getattr(loss, 'shape', type(loss))}."
-            )
+        params = self.params(pl_module)
+        with preserved_rng(), evaluation_mode(pl_module):  # every module's flag and BN buffer kept
+            self.check_objective(self.objective(pl_module), batch, params)
 
-    def _probe(self, pl_module: pl.LightningModule, batch: Any) -> Any:
-        """The loss of one batch; a clear error naming the loss in use and the shapes when it cannot apply."""
-        name = type(self).__name__
-        if self.batch_loss is not None or callable(getattr(pl_module, "curvature_loss", None)):
-            owner = (
-                f"{name}(batch_loss)" if self.batch_loss is not None else f"{type(pl_module).__name__}.curvature_loss"
-            )
-            try:
-                return self.module_batch_loss(pl_module)(batch)
-            except Exception as err:
-                raise ConfigError(f"{owner}: failed on a training batch ({type(err).__name__}: {err}).") from None
-        x, y = unpack_xy(batch, name)
-        loss_fn, owner = self._pair_loss_fn(pl_module)
-        try:
-            out = pl_module(x)
-        except Exception as err:
-            raise ConfigError(
-                f"{name}: the module's forward failed on the batch's inputs {_shape(x)} ({type(err).__name__}: "
-                f"{err}). If forward takes the whole batch, pass {name}(batch_loss=...) or define "
-                "curvature_loss(self, batch) on the LightningModule."
-            ) from None
-        shapes = f"outputs {_shape(out)}, targets {_shape(y)}"
-        default = self.loss_fn is None and not callable(getattr(pl_module, "loss_fn", None))
-        if default and not _cross_entropy_fits(out, y):
-            raise ConfigError(
-                f"{owner}: cross-entropy (the default) cannot apply to {shapes}; pass loss_fn (e.g. "
-                "torch.nn.functional.mse_loss), give the module a loss_fn(outputs, targets), or define "
-                "curvature_loss(self, batch)."
-            )
-        try:
-            return loss_fn(out, y)
-        except Exception as err:
-            raise ConfigError(f"{owner}: cannot be applied to {shapes} ({type(err).__name__}: {err}).") from None
+    def check_objective(self, objective: Objective, batch: Any, params: list[torch.nn.Parameter]) -> None:
+        """Subclass hook: what else the measurement needs of the objective (e.g. class logits)."""
+        objective.check(batch, params)
 
     def check_sizes(self, pl_module: pl.LightningModule) -> None:
         """Subclass hook for argument checks that need the module."""
@@ -433,16 +373,6 @@ class CurvatureCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_measurements = state_dict.get("num_measurements", 0)
         self._last_step = state_dict.get("last_step", -1)
-
-
-def _cross_entropy_fits(out: Any, y: Any) -> bool:
-    """Whether ``F.cross_entropy(out, y)`` is meaningful: class logits (N, C≥2, …) and class indices (N, …) or
-    class probabilities of the same shape."""
-    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.ndim < 2 or out.shape[1] < 2:
-        return False
-    if y.is_floating_point():  # class probabilities: non-negative, summing to 1 over the class dimension
-        return y.shape == out.shape and bool((y >= 0).all()) and bool(torch.allclose(y.sum(1), torch.ones(())))
-    return y.ndim == out.ndim - 1 and y.shape[0] == out.shape[0]
 
 
 class HessianEigenvalues(CurvatureCallback):

@@ -13,22 +13,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
-from flatlit.callbacks.curvature import unpack_xy
+from flatlit.batching import batch_size
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.curvature.hvp import evaluation_mode
 from flatlit.errors import ConfigError
 from flatlit.nn_utils import preserved_rng, rank0_buffers
+from flatlit.objective import BatchLossFn, Objective, resolve_objective
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,17 +43,22 @@ class GeneralizationTargets(Callback):
     ``final/test_loss``, ``final/test_acc``, ``final/gen_gap_acc`` (= train_acc − test_acc) and
     ``final/gen_gap_loss`` (= test_loss − train_loss) to every logger (at the last step), adds them to the last row
     of ``history.csv`` and writes them with the run's epoch/step and convergence to ``final_metrics.json`` in the
-    run directory. The loss is the ``loss_fn`` argument, else the module's ``loss_fn`` (the training objective: label
-    smoothing or the square loss included), else cross-entropy.
+    run directory. The loss is the module's own, resolved as everywhere in flatlit (:mod:`flatlit.objective`): the
+    ``batch_loss`` argument, else the ``loss_fn`` argument, else the module's ``curvature_loss(batch)``, a flatlit
+    family's ``training_loss``, the module's ``loss_fn`` (label smoothing or the square loss included), else
+    cross-entropy on class logits. Accuracy needs class logits and labels: the module's
+    ``outputs_and_targets(batch)``, a flatlit family's ``accuracy_inputs`` or ``(module(x), y)`` with ≥ 2-class
+    logits (a one-logit head is binary: correct when ``sigmoid(z) > ½`` matches the label); without them (an
+    autoencoder, a language model without the hook) only the loss metrics are logged.
 
     Stopping rule: every ``every_n_epochs`` epochs the full training split is evaluated the same way (logged as
     ``full_train/loss`` and ``full_train/acc``); the first time the loss is ≤ ``stop_loss`` or the error
     (1 − accuracy) is ≤ ``stop_error``, the state is saved as ``converged.ckpt`` (next to the ModelCheckpoint's files,
     else in ``<log_dir>/checkpoints``) and training stops (``stop=True``; Lightning's ``min_epochs``/``min_steps``
     still apply). The rule compares exactly the values logged: the float64 means ``full_train/loss`` (Σ batch-mean
-    loss · batch size / n, summed in float64) and ``1 − full_train/acc`` (correct / n), logged as float64 tensors so
-    that Lightning keeps them unrounded and ``history.csv`` holds them exactly (not rounded to float32); a threshold
-    copied from ``history.csv`` fires at that very epoch.
+    loss · batch size / n, summed in float64) and ``1 − full_train/acc`` (correct / labelled), logged as float64
+    tensors so that Lightning keeps them unrounded and ``history.csv`` holds them exactly (not rounded to float32); a
+    threshold copied from ``history.csv`` fires at that very epoch.
 
     Observe, never perturb: the evaluation runs under ``torch.no_grad`` on separate batches (the training loader is
     never iterated), every module's train flag, the BatchNorm buffers and the torch/NumPy/Python RNG states are
@@ -70,12 +75,14 @@ class GeneralizationTargets(Callback):
         stop: stop training when the rule is met; False only saves ``converged.ckpt`` and keeps training.
         test: also evaluate the test split at the end (the ``final/test_*`` and gap values).
         batch_size: evaluation batch size (default: the DataModule's ``eval_batch_size``, else 256).
-        loss_fn: ``loss_fn(logits, y)``, the batch-mean loss; default: the module's ``loss_fn``, else cross-entropy.
+        loss_fn: ``loss_fn(module(x), y)``, the batch-mean loss (see the loss order above).
+        batch_loss: ``batch_loss(module, batch)``, the batch-mean loss of any batch (takes precedence).
         save_final: also save the final state as ``final.ckpt`` (``flatlit sweep`` measures it).
         filename: name of the JSON file written in the run directory.
 
     Raises:
-        ConfigError: a threshold outside [0, ∞) / [0, 1], or ``every_n_epochs`` < 1.
+        ConfigError: a threshold outside [0, ∞) / [0, 1], or ``every_n_epochs`` < 1 (at construction); a loss that
+            cannot be evaluated on a training batch, or ``stop_error`` without class logits (at setup).
 
     With a flatlit DataModule the batches come from ``datamodule.evaluation_batches``; with another DataModule, the
     training loader's dataset is read through an unshuffled loader (its transform, which may augment) and the test
@@ -98,6 +105,7 @@ class GeneralizationTargets(Callback):
         loss_fn: LossFn | None = None,
         save_final: bool = False,
         filename: str = "final_metrics.json",
+        batch_loss: BatchLossFn | None = None,
     ) -> None:
         if stop_loss is not None and not stop_loss >= 0:
             raise ConfigError(f"GeneralizationTargets(stop_loss): must be >= 0 or None, got {stop_loss}.")
@@ -111,6 +119,7 @@ class GeneralizationTargets(Callback):
         self.stop_loss, self.stop_error, self.stop, self.test = stop_loss, stop_error, stop, test
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (1 if has_rule else None)
         self.batch_size, self.loss_fn, self.save_final, self.filename = batch_size, loss_fn, save_final, filename
+        self.batch_loss = batch_loss
         self.converged: dict[str, int] | None = None  # {"epoch", "step"} of the first time the rule held
         self.final_metrics: dict[str, Any] | None = None
         self._last: tuple[int, dict[str, float]] | None = None  # (global_step, train metrics) of the last pass
@@ -148,40 +157,41 @@ class GeneralizationTargets(Callback):
         subset = Subset(loader.dataset, list(range(len(loader.dataset)))[rank::world])
         return DataLoader(subset, batch_size=size, shuffle=False, collate_fn=loader.collate_fn)
 
-    def _loss(self, pl_module: pl.LightningModule) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        fn = getattr(pl_module, "loss_fn", None)
-        return fn if callable(fn) else F.cross_entropy
+    def objective(self, pl_module: pl.LightningModule) -> Objective:
+        """The module's loss and logits by flatlit's one resolution order (:mod:`flatlit.objective`)."""
+        return resolve_objective(pl_module, "GeneralizationTargets", self.batch_loss, self.loss_fn)
 
     def evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, distributed: bool = True
     ) -> dict[str, float]:
-        """``{"loss", "acc", "n"}`` of ``split``: exact means of sums all-reduced over the ranks (a collective),
-        or of this process's pass over the whole split when not ``distributed``."""
-        loss_fn = self._loss(pl_module)
+        """``{"loss", "acc", "n"}`` of ``split`` (``acc`` only where the module gives class logits): exact means of
+        sums all-reduced over the ranks (a collective), or of this process's pass over the whole split when not
+        ``distributed``."""
+        objective = self.objective(pl_module)
         device = pl_module.device
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct, n, n with labels
         with preserved_rng(), evaluation_mode(pl_module), torch.no_grad(), rank0_buffers(pl_module, distributed):
-            for x, y in _iterate(self._batches(trainer, split, distributed)):
-                x = trainer.precision_plugin.convert_input(x.to(device))
-                y = y.to(device)
+            for batch in self._batches(trainer, split, distributed):
+                batch = trainer.precision_plugin.convert_input(pl_module.transfer_batch_to_device(batch, device, 0))
                 with trainer.precision_plugin.forward_context():
-                    logits = pl_module(x)
-                n = y.shape[0]
-                sums += torch.stack(
-                    [
-                        loss_fn(logits, y).double() * n,
-                        (logits.argmax(-1) == y).sum().double(),
-                        torch.tensor(float(n), dtype=torch.float64, device=device),
-                    ]
+                    loss, pair = objective.loss_and_logits(batch)
+                n = float(batch_size(batch))
+                correct, labelled = 0.0, 0.0
+                if pair is not None:
+                    logits, labels = pair
+                    correct, labelled = float((logits.argmax(1) == labels).sum()), float(labels.numel())
+                sums += torch.tensor(
+                    [float(loss.double()) * n, correct, n, labelled], dtype=torch.float64, device=device
                 )
         if distributed:
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
         n = float(sums[2])
         if n == 0:
             raise ConfigError(f"GeneralizationTargets: the {split} split is empty.")
-        return {"loss": float(sums[0]) / n, "acc": float(sums[1]) / n, "n": n}
+        out = {"loss": float(sums[0]) / n, "n": n}
+        if float(sums[3]) > 0:
+            out["acc"] = float(sums[1]) / float(sums[3])
+        return out
 
     def _train_metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = True
@@ -196,7 +206,7 @@ class GeneralizationTargets(Callback):
         """Whether the stopping rule holds for full-pass training metrics ``{"loss", "acc"}``: ``loss ≤ stop_loss``
         or ``1.0 − acc ≤ stop_error``, compared in float64 on the very values logged as ``full_train/*``."""
         by_loss = self.stop_loss is not None and metrics["loss"] <= self.stop_loss
-        by_error = self.stop_error is not None and 1.0 - metrics["acc"] <= self.stop_error
+        by_error = self.stop_error is not None and "acc" in metrics and 1.0 - metrics["acc"] <= self.stop_error
         return by_loss or by_error
 
     # ---- hooks ----------------------------------------------------------------------------------------------------
@@ -228,10 +238,7 @@ class GeneralizationTargets(Callback):
             # the logged value would differ from the one the rule compares
             f64 = {"dtype": torch.float64, "device": pl_module.device}
             pl_module.log_dict(
-                {
-                    "full_train/loss": torch.tensor(metrics["loss"], **f64),
-                    "full_train/acc": torch.tensor(metrics["acc"], **f64),
-                },
+                {f"full_train/{k}": torch.tensor(metrics[k], **f64) for k in ("loss", "acc") if k in metrics},
                 on_step=False,
                 on_epoch=True,
                 batch_size=1,
@@ -244,7 +251,20 @@ class GeneralizationTargets(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse at setup, with one line, a loss that cannot be evaluated on a training batch, and ``stop_error``
+        on a module without class logits."""
         self._train_ended = False
+        if stage != "fit":
+            return
+        objective = self.objective(pl_module)
+        with preserved_rng(), evaluation_mode(pl_module):  # a loader's iterator draws its seed from the global RNG
+            batch = next(iter(self._batches(trainer, "train", distributed=False)), None)
+            if batch is None:
+                raise ConfigError("GeneralizationTargets: the train split is empty.")
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            objective.check(batch)
+            if self.stop_error is not None:
+                objective.require_logits("GeneralizationTargets(stop_error) (an error rate)", batch)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,18 +287,15 @@ class GeneralizationTargets(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | None, distributed: bool
     ) -> None:
         train = self._train_metrics(trainer, pl_module, distributed)
-        final: dict[str, float] = {"final/train_loss": train["loss"], "final/train_acc": train["acc"]}
+        final: dict[str, float] = {"final/train_loss": train["loss"]}
+        if "acc" in train:
+            final["final/train_acc"] = train["acc"]
         test: dict[str, float] = {}
         if self.test:
             test = self.evaluate(trainer, pl_module, "test", distributed)
-            final.update(
-                {
-                    "final/test_loss": test["loss"],
-                    "final/test_acc": test["acc"],
-                    "final/gen_gap_acc": train["acc"] - test["acc"],
-                    "final/gen_gap_loss": test["loss"] - train["loss"],
-                }
-            )
+            final.update({"final/test_loss": test["loss"], "final/gen_gap_loss": test["loss"] - train["loss"]})
+            if "acc" in train and "acc" in test:
+                final.update({"final/test_acc": test["acc"], "final/gen_gap_acc": train["acc"] - test["acc"]})
         if not all(math.isfinite(v) for v in final.values()):
             rank_zero_warn(f"GeneralizationTargets: non-finite final metrics {final}.")
         if self.save_final and (distributed or trainer.world_size == 1):
@@ -325,12 +342,6 @@ class GeneralizationTargets(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.converged = state_dict.get("converged")
-
-
-def _iterate(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-    """Batches as (x, y) pairs: tuples/lists (first two items) or dicts with x/y-like keys."""
-    for batch in batches:
-        yield unpack_xy(batch, "GeneralizationTargets")
 
 
 @rank_zero_only

@@ -9,24 +9,37 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Subset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
-from flatlit.callbacks.curvature import CurvatureCallback, unpack_xy
+from flatlit.batching import batch_size as size_of
+from flatlit.callbacks.curvature import CurvatureCallback
 from flatlit.errors import ConfigError
 from flatlit.landscape import BIAS_BN, LandscapeResult, compute_surface, random_directions
+from flatlit.landscape.evaluation import EvaluationFunctions, evaluation_functions
 from flatlit.nn_utils import preserved_rng
+from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 
 
 class LossLandscape(Callback):
     """Every ``every_n_epochs`` epochs, the training loss and accuracy along one filter-normalised random direction,
     L(w + α·d) for α on a fixed grid, on a fixed seeded sample of the training split.
+
+    The loss is the one the module trains on, by flatlit's one resolution order (:mod:`flatlit.objective`): the
+    callback's ``batch_loss(pl_module, batch)``, else its ``loss_fn(pl_module(x), y)``, the module's
+    ``curvature_loss(batch)``, a flatlit family's ``training_loss``, the module's ``loss_fn``, cross-entropy on class
+    logits. Batches keep their structure (dicts, several inputs, inputs only); L is the size-weighted mean of the
+    batch losses. The accuracy is that of the module's class logits (``outputs_and_targets``, a flatlit family's
+    ``accuracy_inputs``, or ``pl_module(x)`` against integer ``y``); a module without them (an autoencoder, a
+    language model without a hook) gets the loss only (NaN accuracies, no accuracy axis). Everything that could
+    fail is checked at setup on one batch of the sample (the loss evaluates to a scalar that reaches every selected
+    parameter): one ConfigError there, never a crash mid-run.
 
     d is drawn from N(0, I) with the fixed ``seed`` and rescaled filter by filter to the current weights,
     d_i ← d_i/‖d_i‖·‖w_i‖ (Li, Xu, Taylor, Studer & Goldstein, "Visualizing the Loss Landscape of Neural Nets",
@@ -54,10 +67,15 @@ class LossLandscape(Callback):
             move, Li et al.'s default) or ``filter``.
         bn: ``eval`` (running statistics of the current weights) or ``update`` (re-estimated at every point).
         at_train_start: also draw before the first step.
-        loss_fn: ``loss_fn(pl_module(x), y)``; default the module's callable ``loss_fn``, else cross-entropy.
+        loss_fn: ``loss_fn(pl_module(x), y)`` with ``(x, y)`` unpacked from the batch (see above for the default).
+        batch_loss: ``batch_loss(pl_module, batch)`` returning the batch-mean loss of any batch; takes precedence
+            over everything else.
+        params: the parameters the direction moves: a callable ``pl_module -> parameters`` or ``fnmatch`` name
+            patterns (e.g. ``"generator.*"``); the others stay at their values. Default every trainable parameter.
 
     Raises:
-        ConfigError: a bad argument (at construction).
+        ConfigError: a bad argument (at construction); at setup, a loss that fails on a batch of the sample, is not
+            a scalar or does not reach a selected parameter, and a ``params`` that selects nothing.
 
     Example::
 
@@ -78,6 +96,8 @@ class LossLandscape(Callback):
         bn: str = "eval",
         at_train_start: bool = False,
         loss_fn: LossFn | None = None,
+        batch_loss: BatchLossFn | None = None,
+        params: ParamsSpec = None,
     ) -> None:
         for key, val in (("every_n_epochs", every_n_epochs), ("num_samples", num_samples), ("batch_size", batch_size)):
             if val < 1:
@@ -101,45 +121,98 @@ class LossLandscape(Callback):
         self.every_n_epochs, self.alphas = every_n_epochs, grid
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.norm, self.bias_bn, self.bn, self.at_train_start = norm, bias_bn, bn, at_train_start
-        self.loss_fn = loss_fn
+        self.loss_fn, self.batch_loss, self.param_spec = loss_fn, batch_loss, params
         self.history: dict[str, list] = {"epoch": [], "step": [], "loss": [], "acc": []}
         self.last_result: LandscapeResult | None = None
-        self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._batches: list[Any] | None = None
+        self._functions: EvaluationFunctions | None = None
+        self._source = ""
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(seed=self.seed, num_samples=self.num_samples)
 
     # ---- sample ------------------------------------------------------------------------------------------------
-    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The whole fixed sample on every rank (the points, not the data, are split across ranks)."""
+    def _draw_sample(self, trainer: pl.Trainer) -> list[Any]:
+        """The fixed sample as the data gives it (any batch structure): flatlit DataModules' ``curvature_batches``;
+        otherwise a seeded subset of the training loader's dataset read through a separate loader with the loader's
+        ``collate_fn`` (the training loader is never iterated); the first examples of an iterable dataset (through a
+        fresh loader) or of a loader that is not a ``DataLoader``."""
+        dm = trainer.datamodule
+        if dm is not None and callable(getattr(dm, "curvature_batches", None)):
+            try:
+                return list(dm.curvature_batches(self.num_samples, self.batch_size, self.seed))
+            except ConfigError as err:
+                raise ConfigError(f"LossLandscape({err})") from None
+        loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
+        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+            n = len(loader.dataset)
+            if self.num_samples > n:
+                raise ConfigError(
+                    f"LossLandscape(num_samples): asked for {self.num_samples}, the training dataset holds {n}."
+                )
+            gen = torch.Generator().manual_seed(self.seed)
+            idx = torch.randperm(n, generator=gen)[: self.num_samples].sort().values.tolist()
+            return list(DataLoader(Subset(loader.dataset, idx), self.batch_size, collate_fn=loader.collate_fn))
+        if isinstance(loader, DataLoader):  # an iterable dataset: its first examples, through a fresh loader
+            loader = DataLoader(loader.dataset, batch_size=self.batch_size, collate_fn=loader.collate_fn)
+        batches, n = [], 0
+        for batch in loader:
+            batches.append(batch)
+            n += size_of(batch)
+            if n >= self.num_samples:
+                break
+        if n < self.num_samples:
+            raise ConfigError(f"LossLandscape(num_samples): asked for {self.num_samples}, the training data holds {n}.")
+        return batches
+
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """The whole fixed sample on every rank (the points, not the data, are split across ranks), moved to the
+        module's device with its ``transfer_batch_to_device`` (floating tensors in the parameters' dtype)."""
         if self._batches is None:
-            dm = trainer.datamodule
             with preserved_rng():  # a DataLoader's iterator draws its base seed from the global RNG
-                if dm is not None and callable(getattr(dm, "curvature_batches", None)):
-                    try:
-                        raw = dm.curvature_batches(self.num_samples, self.batch_size, self.seed)
-                    except ConfigError as err:
-                        raise ConfigError(f"LossLandscape({err})") from None
-                else:
-                    loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
-                    n = len(loader.dataset)
-                    if self.num_samples > n:
-                        raise ConfigError(
-                            f"LossLandscape(num_samples): asked for {self.num_samples}, the training dataset holds {n}."
-                        )
-                    gen = torch.Generator().manual_seed(self.seed)
-                    idx = torch.randperm(n, generator=gen)[: self.num_samples].sort().values.tolist()
-                    raw = list(DataLoader(Subset(loader.dataset, idx), self.batch_size, collate_fn=loader.collate_fn))
-            self._batches = [unpack_xy(CurvatureCallback.move(b, pl_module), "LossLandscape") for b in raw]
+                raw = self._draw_sample(trainer)
+            if not raw:
+                raise ConfigError("LossLandscape(num_samples): the sample is empty.")
+            self._batches = [CurvatureCallback.move(b, pl_module) for b in raw]
         return self._batches
 
-    def _loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        return pl_module.loss_fn if callable(getattr(pl_module, "loss_fn", None)) else F.cross_entropy
+    # ---- loss ----------------------------------------------------------------------------------------------------
+    def objective(self, pl_module: pl.LightningModule) -> Objective:
+        """The module's loss (and logits) by :func:`flatlit.objective.resolve_objective`."""
+        return resolve_objective(pl_module, "LossLandscape", self.batch_loss, self.loss_fn)
+
+    def params(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
+        """The parameters the direction moves (``params``; one ConfigError when it selects none)."""
+        return select_parameters(pl_module, self.param_spec, owner="LossLandscape")
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EvaluationFunctions:
+        """Check the loss on one batch of the sample (a scalar reaching every selected parameter) and find out
+        whether there is an accuracy; the module is left exactly as it was."""
+        if self._functions is None:
+            from flatlit.sharpness.base import observed
+
+            batch = self._sample(trainer, pl_module)[0]
+            objective = self.objective(pl_module)
+            params = self.params(pl_module)
+            with observed(pl_module):  # weights, buffers, flags, .grad and the RNG states restored
+                pl_module.eval()
+                objective.check(batch, params)
+            self._functions = evaluation_functions(objective, batch)
+            self._source = objective.source
+            if self._functions.no_accuracy is not None:
+                rank_zero_info(f"LossLandscape: {self._functions.no_accuracy}; the landscape shows the loss only.")
+        return self._functions
 
     # ---- hooks -------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse at setup, with one line, what would fail mid-run (see :meth:`_prepare`)."""
+        if stage == "fit":
+            self._functions = None  # a new fit (possibly of another module): check again
+            self._batches = None
+            self._prepare(trainer, pl_module)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_train_start and trainer.global_step == 0:
@@ -154,12 +227,22 @@ class LossLandscape(Callback):
         """Compute the slice (every rank: a collective under DDP) and draw it (rank 0)."""
         log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast under DDP: every rank asks
         batches = self._sample(trainer, pl_module)
+        functions = self._prepare(trainer, pl_module)
         with preserved_rng():
-            directions = random_directions(pl_module, 1, self.seed, self.norm, self.bias_bn)
+            params = self.params(pl_module)
+            directions = random_directions(pl_module, 1, self.seed, self.norm, self.bias_bn, params=params)
             meta = {"mode": "line", "epoch": trainer.current_epoch, "step": trainer.global_step, "seed": self.seed}
             meta["labels"] = {"alpha": "α (filter-normalised direction)" if self.norm == "filter" else "α"}
+            meta["loss"] = self._source
             result = compute_surface(
-                pl_module, batches, directions, self.alphas, loss_fn=self._loss_fn(pl_module), bn=self.bn, meta=meta
+                pl_module,
+                batches,
+                directions,
+                self.alphas,
+                batch_loss=functions.batch_loss,
+                logits_fn=functions.logits_fn,
+                bn=self.bn,
+                meta=meta,
             )
         self.last_result = result
         self.history["epoch"].append(trainer.current_epoch)

@@ -1,7 +1,10 @@
 """Sharpness and complexity measures during training, and the initial weights they compare against.
 
-Thin Lightning adapters over :mod:`flatlit.sharpness`, with the scheduling, fixed sample, loss resolution, DDP,
-logging and observe-never-perturb guarantees of :class:`~flatlit.callbacks.curvature.CurvatureCallback`.
+Thin Lightning adapters over :mod:`flatlit.sharpness`, with the scheduling, fixed sample, DDP, logging and
+observe-never-perturb guarantees of :class:`~flatlit.callbacks.curvature.CurvatureCallback`. The loss is the
+module's, by the loss contract of :func:`flatlit.objective.resolve_objective` (the callback's ``batch_loss`` or
+``loss_fn``, else the module's ``curvature_loss``, a flatlit family's ``training_loss``, its ``loss_fn``, or
+cross-entropy where the outputs are class logits); batches may have any structure.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from flatlit.callbacks.curvature import CurvatureCallback, unpack_xy
+from flatlit.callbacks.curvature import CurvatureCallback
 from flatlit.errors import ConfigError
+from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure, list_measures
+from flatlit.sharpness.base import inapplicable_reason, observed, set_bn_policy
 
 INIT_FILE = "model_init.ckpt"
 
@@ -52,6 +57,15 @@ class InitialWeights(Callback):
         torch.save({"state_dict": state}, path)
 
 
+def _skip_note(reasons: dict[str, str], module: str) -> str:
+    """One line naming the measures skipped, grouped by why (the reasons name the measure first)."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        groups.setdefault(reason.replace(f"measure {name!r} ", "", 1), []).append(name)
+    parts = [f"{', '.join(names)}: {why}" for why, names in groups.items()]
+    return f"skipping {len(reasons)} measure(s) that do not apply to {module} ({'; '.join(parts)})"
+
+
 def _check_measures(owner: str, measures: list[str] | dict[str, dict[str, Any]] | None, kind: str) -> dict:
     if measures is None:
         return {name: {} for name in list_measures(kind)}
@@ -80,14 +94,27 @@ class SharpnessMeasures(CurvatureCallback):
     ``pl_module.log``, so they reach every logger, ``history.csv`` and ``trainer.callback_metrics`` (monitorable),
     at the step of the epoch's other metrics.
 
+    The loss is the one the module trains on (:func:`flatlit.objective.resolve_objective`: ``batch_loss``,
+    ``loss_fn``, the module's ``curvature_loss(batch)``, a flatlit family's ``training_loss``, its ``loss_fn``, or
+    cross-entropy for class logits), on batches of any structure. Measures that need class logits and labels
+    (margins, the bounds, prediction entropy, minimum sharpness) take them from the module's
+    ``outputs_and_targets(batch)`` hook, a flatlit family's ``accuracy_inputs``, or ``(module(x), y)`` when those
+    are class logits (a one-logit binary head counts as (0, z)). At setup the loss is checked on one batch, and a
+    measure that cannot apply (an autoencoder's margin, say) is refused with one line when it was asked for by
+    name, or skipped with one logged note when ``measures`` is None (all).
+
     Args:
         measures: names, or a mapping name → settings overriding the measure's defaults (e.g.
-            ``{worst_case_l2: {rho: 0.05}}``); None: every registered measure of this kind.
+            ``{worst_case_l2: {rho: 0.05}}``); None: every registered measure of this kind that applies.
+        params: the parameters the measures differentiate and perturb (:func:`flatlit.objective.select_parameters`):
+            None (every trainable one), a callable ``module -> parameters`` or ``fnmatch`` name pattern(s) such as
+            ``"net.0.*"``; ``exclude_bn`` / ``exclude_bias`` then leave BatchNorm parameters / biases out.
         **kwargs: :class:`~flatlit.callbacks.curvature.CurvatureCallback` arguments (num_samples, batch_size,
-            every_n_epochs, every_n_steps, at_train_start, loss_fn, seed, ...). Batches must unpack to (x, y).
+            every_n_epochs, every_n_steps, at_train_start, loss_fn, batch_loss, exclude_bn, exclude_bias, seed, ...).
 
     Raises:
-        ConfigError: an unknown measure or setting (at construction); a loss or batch that cannot apply (setup).
+        ConfigError: an unknown measure or setting (at construction); a loss, parameter selection or explicitly
+            requested measure that cannot apply (at setup, one line).
 
     The initial weights (for ``distance_from_init`` and the PAC-Bayes measures) are kept from the start of training
     (and from ``<log_dir>/model_init.ckpt`` on resume).
@@ -105,16 +132,71 @@ class SharpnessMeasures(CurvatureCallback):
         measures: list[str] | dict[str, dict[str, Any]] | None = None,
         num_samples: int = 1000,
         batch_size: int = 250,
+        params: ParamsSpec = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, batch_size=batch_size, **kwargs)
         self.measures = _check_measures(type(self).__name__, measures, self.kind)
+        self.all_measures = measures is None
+        self.param_spec = params
+        self.skipped: dict[str, str] = {}  # measures (of "all") that do not apply to this module: name -> reason
         self.history: dict[str, list] = {"step": [], "epoch": [], "values": []}
         self._init_state: dict[str, torch.Tensor] | None = None
+        self._objective: Objective | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(measures=sorted(self.measures), num_samples=self.num_samples)
+
+    def params(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
+        """The selected parameters (``params``, ``exclude_bn``, ``exclude_bias``); one ConfigError when none."""
+        return select_parameters(pl_module, self.param_spec, self.exclude_bn, self.exclude_bias, type(self).__name__)
+
+    def objective(self, pl_module: pl.LightningModule) -> Objective:
+        """The module's loss (and logits) by :func:`flatlit.objective.resolve_objective`."""
+        if self._objective is None or self._objective.module is not pl_module:
+            self._objective = resolve_objective(pl_module, type(self).__name__, self.batch_loss, self.loss_fn)
+        return self._objective
+
+    def inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> MeasureInputs:
+        """:class:`~flatlit.sharpness.MeasureInputs` of the (moved) ``batches`` with the module's loss and logits."""
+        objective = self.objective(pl_module)
+        explicit = self.param_spec is not None or self.exclude_bn or self.exclude_bias
+        dm = trainer.datamodule
+        num_train = len(dm.train_indices) if getattr(dm, "train_indices", None) is not None else None
+        return MeasureInputs(
+            pl_module,
+            batches,
+            init_state=self._init_state,
+            num_train=num_train,
+            batch_loss=objective.loss_of,
+            logits_fn=objective.logits_of,
+            params=self.params(pl_module) if explicit else None,
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check, on one batch of the sample, the loss (a scalar reaching every selected parameter) and which
+        measures apply: refuse (one line) a requested one that does not, skip (one note) those of "all" that do not.
+        The module is left exactly as it was."""
+        if stage != "fit":
+            return
+        owner = type(self).__name__
+        self.check_sizes(pl_module)
+        objective = self.objective(pl_module)
+        params = self.params(pl_module)
+        batch = self.move(self.batches(trainer)[0], pl_module)
+        with observed(pl_module):
+            set_bn_policy(pl_module, "eval")
+            objective.check(batch, params)
+        inputs = self.inputs(trainer, pl_module, [batch])
+        reasons = {name: inapplicable_reason(name, inputs, **settings) for name, settings in self.measures.items()}
+        bad = {name: reason for name, reason in reasons.items() if reason is not None}
+        if bad and not self.all_measures:
+            raise ConfigError(f"{owner}(measures): {next(iter(bad.values()))}")
+        self.skipped = bad
+        if bad:
+            rank_zero_info(f"{owner}: {_skip_note(bad, type(pl_module).__name__)}")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -128,16 +210,14 @@ class SharpnessMeasures(CurvatureCallback):
         super().on_train_start(trainer, pl_module)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> dict[str, float]:
-        loss_fn, _ = self._pair_loss_fn(pl_module)
         owner = type(self).__name__
-        batches = [unpack_xy(self.move(b, pl_module), owner) for b in self.batches(trainer)]
-        dm = trainer.datamodule
-        num_train = len(dm.train_indices) if getattr(dm, "train_indices", None) is not None else None
-        inputs = MeasureInputs(pl_module, batches, loss_fn, init_state=self._init_state, num_train=num_train)
+        batches = [self.move(b, pl_module) for b in self.batches(trainer)]
+        inputs = self.inputs(trainer, pl_module, batches)
+        active = {name: settings for name, settings in self.measures.items() if name not in self.skipped}
         metrics: dict[str, float] = {}
         values: dict[str, float] = {}
         last_line = start
-        for i, (name, settings) in enumerate(self.measures.items()):
+        for i, (name, settings) in enumerate(active.items()):
             result = compute_measure(name, inputs, **settings)
             metrics[f"{self.prefix}/{name}"] = result.value
             values[name] = result.value
@@ -147,7 +227,7 @@ class SharpnessMeasures(CurvatureCallback):
             if self.progress_every is not None and now - last_line >= self.progress_every:
                 last_line = now
                 rank_zero_info(
-                    f"{owner} at step {trainer.global_step}: {i + 1}/{len(self.measures)} measures done "
+                    f"{owner} at step {trainer.global_step}: {i + 1}/{len(active)} measures done "
                     f"({name} = {result.value:.4g}), {now - start:.0f} s"
                 )
         self.history["step"].append(trainer.global_step)

@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatlit.batching import batch_size
 from flatlit.nn_utils import frozen_bn_stats, is_bn_param
+from flatlit.objective import twice_differentiable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _MODE_CACHE: dict[tuple, str] = {}  # (parameter shapes, device, dtype, block width) -> the faster matmat mode
@@ -81,6 +82,18 @@ def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
     return out
 
 
+def _math_attention(loss: BatchLoss) -> BatchLoss:
+    """``loss`` evaluated under PyTorch's math attention kernel: the fused ``scaled_dot_product_attention``
+    kernels have no double backward (:func:`flatlit.objective.twice_differentiable`)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def wrapped(batch: Batch) -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return loss(batch)
+
+    return wrapped
+
+
 class HessianOperator:
     """Symmetric linear operator v ↦ H v for the loss of ``model`` on fixed ``batches``.
 
@@ -127,7 +140,7 @@ class HessianOperator:
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
         self.model, self.batches = model, list(batches)
         self.loss_fn = loss_fn or F.cross_entropy
-        self.batch_loss: BatchLoss = batch_loss or self._pair_loss
+        self.batch_loss: BatchLoss = _math_attention(batch_loss or self._pair_loss)
         self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.weight_decay, self.bn_mode, self.backend = weight_decay, bn_mode, backend
         self.distributed = (dist.is_available() and dist.is_initialized()) if distributed is None else distributed
@@ -248,7 +261,8 @@ class HessianOperator:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat vector ``v`` (length ``numel``, any float dtype; returned in ``v``'s dtype)."""
-        return self._matvec(v, cached=True)
+        with twice_differentiable("HessianOperator"):
+            return self._matvec(v, cached=True)
 
     def _matvec(self, v: torch.Tensor, cached: bool) -> torch.Tensor:
         vs = unflatten(v.to(self.dtype), self.params)
@@ -343,6 +357,10 @@ class HessianOperator:
         ``func`` backend computes the columns one by one with :meth:`matvec` (a reference, not fast). Same BN
         mode, L2 term, parameter filter and all-reduce as :meth:`matvec`; counts k operator applications.
         """
+        with twice_differentiable("HessianOperator"):
+            return self._matmat(V, chunk_size, mode)
+
+    def _matmat(self, V: torch.Tensor, chunk_size: int | None, mode: str | None) -> torch.Tensor:
         if V.ndim != 2 or V.shape[0] != self.numel:
             raise ValueError(f"matmat expects a ({self.numel}, k) block, got shape {tuple(V.shape)}")
         k = V.shape[1]

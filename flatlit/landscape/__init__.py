@@ -19,6 +19,7 @@ from flatlit.landscape.directions import (
     random_directions,
     save_directions,
 )
+from flatlit.landscape.evaluation import EvaluationFunctions, evaluation_functions
 from flatlit.landscape.steps import GradientAlignment, StepDecomposition, gradient_alignment, step_decomposition
 from flatlit.landscape.surface import (
     BN_POLICIES,
@@ -27,6 +28,7 @@ from flatlit.landscape.surface import (
     as_result,
     compute_surface,
     evaluate,
+    update_bn_statistics,
 )
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "NORMS",
     "UNKNOWN_NORMALISATION",
     "DirectionSet",
+    "EvaluationFunctions",
     "GradientAlignment",
     "LandscapeResult",
     "PointWriter",
@@ -44,6 +47,7 @@ __all__ = [
     "direction_normalisation",
     "eigen_directions",
     "evaluate",
+    "evaluation_functions",
     "gradient_alignment",
     "interpolation_direction",
     "is_direction_file",
@@ -54,4 +58,5 @@ __all__ = [
     "random_directions",
     "save_directions",
     "step_decomposition",
+    "update_bn_statistics",
 ]

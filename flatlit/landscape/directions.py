@@ -177,15 +177,26 @@ def random_directions(
     seed: int = 0,
     norm: str | None = "filter",
     bias_bn: str = "ignore",
+    params: Sequence[nn.Parameter] | None = None,
 ) -> DirectionSet:
-    """``num`` seeded Gaussian directions over the trainable parameters, normalised to the current weights.
+    """``num`` seeded Gaussian directions over the trainable parameters (or over ``params`` only, e.g. from
+    :func:`flatlit.objective.select_parameters`: the others do not move), normalised to the current weights.
 
     The draws come from a CPU ``torch.Generator`` seeded with ``seed`` in float64 (direction 1, then 2, tensor by
-    tensor), so every device, dtype and rank gets the same directions; the global RNG is not touched.
+    tensor in the model's parameter order), so every device, dtype and rank gets the same directions; the global RNG
+    is not touched.
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
-    named = _trainable(model)
+    if params is None:
+        named = _trainable(model)
+    else:
+        ids = {id(p) for p in params}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        if len(named) != len(ids):
+            raise ValueError("params: every parameter must be a parameter of the model")
+        if not named:
+            raise ValueError("params: selects no parameter")
     gen = torch.Generator().manual_seed(seed)
     weights = [p.detach() for _, p in named]
     vectors = []
@@ -214,16 +225,27 @@ def eigen_directions(
     tol: float = 1e-3,
     seed: int = 0,
     params: Sequence[nn.Parameter] | None = None,
+    *,
+    batch_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    owner: str = "eigen_directions",
 ) -> DirectionSet:
     """The top-k Hessian eigenvectors (unit norm in parameter space) of the mean loss on ``batches``, by Lanczos
     with full reorthogonalisation (:mod:`flatlit.curvature`; BatchNorm on running statistics, dropout off).
-    ``meta`` holds the eigenvalues (descending), residuals and the number of HVPs."""
-    from flatlit.curvature import HessianOperator, lanczos
+    ``meta`` holds the eigenvalues (descending), residuals and the number of HVPs.
 
-    op = HessianOperator(model, batches, loss_fn or F.cross_entropy, params)
+    The loss is ``loss_fn(model(x), y)`` on ``(x, y)`` batches (default cross-entropy), or ``batch_loss(model,
+    batch)`` on batches of any structure (e.g. the ``loss_of`` of :func:`flatlit.objective.resolve_objective`). The
+    second derivatives run under :func:`flatlit.objective.twice_differentiable` (the math attention kernel; an op
+    without a double backward is one ConfigError naming it and ``owner``)."""
+    from flatlit.curvature import HessianOperator, lanczos
+    from flatlit.objective import twice_differentiable
+
+    closure = None if batch_loss is None else (lambda batch: batch_loss(model, batch))
+    op = HessianOperator(model, batches, loss_fn or F.cross_entropy, params, batch_loss=closure)
     if not 1 <= k <= op.numel:
         raise ValueError(f"k must lie in [1, {op.numel}], got {k}")
-    res = lanczos(op.matvec, op.numel, k, max(max_iter, k), tol, seed, "LA", op.dtype, op.device)
+    with twice_differentiable(owner):
+        res = lanczos(op.matvec, op.numel, k, max(max_iter, k), tol, seed, "LA", op.dtype, op.device)
     ids = {id(p) for p in op.params}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
     assert res.eigenvectors is not None

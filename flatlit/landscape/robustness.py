@@ -8,9 +8,13 @@ included, BN buffers not) is perturbed in place,
 - ``multiplicative``: w' = w · (1 + s·u),   u ~ U(−1, 1) element-wise,
 
 and the accuracy and mean loss of the perturbed network are measured on a fixed sample in evaluation mode (BN on
-running statistics, dropout off). A *draw* is one perturbed network evaluated on the whole sample (``evaluate.py``
-draws fresh noise per batch instead: both estimate E_u[accuracy], but only whole-sample draws give a spread between
-networks); results are the mean and the sample standard deviation (ddof = 1; 0 for one draw) over ``draws`` draws.
+running statistics, dropout off). The loss is ``loss_fn(model(x), y)`` on ``(x, y)`` batches, or, with a batch-level
+objective, ``batch_loss(model, batch)`` on batches of any structure (e.g. the ``loss_of`` of
+:func:`flatlit.objective.resolve_objective`), and the accuracy is then over the labels of ``logits_fn(model, batch)``
+(token accuracy for a sequence model; NaN when there is none). A *draw* is one perturbed network evaluated on the
+whole sample (``evaluate.py`` draws fresh noise per batch instead: both estimate E_u[accuracy], but only
+whole-sample draws give a spread between networks); results are the mean and the sample standard deviation
+(ddof = 1; 0 for one draw; NaN for an accuracy that is not measured) over ``draws`` draws.
 Draw j uses a CPU ``torch.Generator`` seeded with :func:`draw_seed` ``(seed, j)`` and, for each parameter in
 ``model.parameters()`` order, u = 2·rand(shape) − 1 (float32, then cast to the parameter's dtype and device), so
 every scale and both kinds share the same u (common random numbers: smooth curves in s) and every rank draws the
@@ -31,7 +35,9 @@ preprocessing=dict(mean=μ, std=σ))``, i.e. it sees (x_pix − μ)/σ exactly a
 Robust accuracy is the fraction of the sample still classified correctly after the attack (an example already
 misclassified counts as broken), so it equals the clean accuracy at ε = 0. PGD's random start comes from the global
 torch RNG inside foolbox: batch b runs under ``torch.manual_seed(draw_seed(seed, b))`` and the caller's RNG state
-is restored afterwards.
+is restored afterwards. The attacks need ``(x, y)`` batches of image inputs whose outputs ``model(x)`` are the class
+logits the accuracy counts; :func:`attack_inapplicable_reason` says (in one sentence) why other batches (dicts of
+tokens, inputs only) or models (a one-logit head) cannot be attacked.
 
 Every public function leaves the model as it found it (:func:`~flatlit.sharpness.base.observed`: weights and buffers
 bit for bit, train/eval flags, ``.grad``, RNG states; ``requires_grad`` flags too). Under ``torch.distributed`` each
@@ -52,10 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatlit.batching import batch_size
 from flatlit.sharpness.base import all_reduce_sum, observed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
+BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]
+LogitsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor] | None]
+Batch = Any  # an (x, y) pair, or any structure a ``batch_loss`` understands (weight noise only)
 Normalization = tuple[torch.Tensor, torch.Tensor] | None
 
 NOISE_KINDS = ("uniform", "multiplicative")
@@ -67,7 +76,7 @@ DEFAULT_STEPS = 10
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Accuracy and mean loss of a network on a sample of ``num_samples`` examples."""
+    """Accuracy and mean loss of a network on a sample of ``num_samples`` examples (``acc`` NaN: no accuracy)."""
 
     acc: float
     loss: float
@@ -120,32 +129,77 @@ def draw_seed(seed: int, index: int) -> int:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
-def _sums(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> torch.Tensor:
-    """[Σ n_b·L_b, #correct, #examples] over this rank's batches, float64, no grad."""
+def _sums(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    batch_loss: BatchLossFn | None = None,
+    logits_fn: LogitsFn | None = None,
+) -> torch.Tensor:
+    """[Σ n_b·L_b, #correct, #examples, #labels] over this rank's batches, float64, no grad (#correct NaN when a
+    batch gives no logits under a batch-level objective)."""
     dev = next(model.parameters()).device
-    acc = torch.zeros(3, dtype=torch.float64, device=dev)
+    acc = torch.zeros(4, dtype=torch.float64, device=dev)
+    objective = batch_loss is not None or logits_fn is not None
     with torch.no_grad():
-        for x, y in batches:
-            x, y = x.to(dev), y.to(dev)
-            logits = model(x)
-            acc[0] += loss_fn(logits, y).double() * len(y)
-            acc[1] += (logits.argmax(dim=1) == y).sum()
-            acc[2] += len(y)
+        for batch in batches:
+            if not objective:
+                x, y = batch
+                x, y = x.to(dev), y.to(dev)
+                logits = model(x)
+                acc[0] += loss_fn(logits, y).double() * len(y)
+                acc[1] += (logits.argmax(dim=1) == y).sum()
+                acc[2] += len(y)
+                acc[3] += len(y)
+                continue
+            n = batch_size(batch)
+            if batch_loss is not None:
+                loss = batch_loss(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    what = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                    raise ValueError(f"batch_loss must return the batch-mean loss as a scalar tensor, got {what}")
+            else:
+                x, y = batch
+                loss = loss_fn(model(x), y)
+            acc[0] += loss.reshape(()).double() * n
+            acc[2] += n
+            pair = logits_fn(model, batch) if logits_fn is not None else None
+            if pair is None:
+                acc[1] = float("nan")
+            else:
+                logits, labels = pair
+                acc[1] += (logits.argmax(dim=1) == labels).sum()
+                acc[3] += len(labels)
     return acc
 
 
-def _evaluation(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> Evaluation:
-    s = all_reduce_sum(_sums(model, batches, loss_fn))
+def _evaluation(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    batch_loss: BatchLossFn | None = None,
+    logits_fn: LogitsFn | None = None,
+) -> Evaluation:
+    s = all_reduce_sum(_sums(model, batches, loss_fn, batch_loss, logits_fn))
     if s[2] == 0:
         raise ValueError("batches: the sample is empty")
-    return Evaluation(float(s[1] / s[2]), float(s[0] / s[2]), int(s[2]))
+    acc = float(s[1] / s[3]) if s[3] > 0 else float("nan")
+    return Evaluation(acc, float(s[0] / s[2]), int(s[2]))
 
 
-def accuracy_and_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn = F.cross_entropy) -> Evaluation:
-    """Accuracy and mean loss Σ_b n_b L_b / Σ_b n_b of ``model`` in evaluation mode (all ranks)."""
+def accuracy_and_loss(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    batch_loss: BatchLossFn | None = None,
+    logits_fn: LogitsFn | None = None,
+) -> Evaluation:
+    """Accuracy and mean loss Σ_b n_b L_b / Σ_b n_b of ``model`` in evaluation mode (all ranks); with
+    ``batch_loss``/``logits_fn``, batches of any structure (see the module docstring)."""
     with observed(model):
         model.eval()
-        return _evaluation(model, batches, loss_fn)
+        return _evaluation(model, batches, loss_fn, batch_loss, logits_fn)
 
 
 # ---- weight noise ----------------------------------------------------------------------------------------------------
@@ -180,12 +234,16 @@ def weight_noise_robustness(
     draws: int = 5,
     seed: int = 0,
     loss_fn: LossFn = F.cross_entropy,
+    *,
+    batch_loss: BatchLossFn | None = None,
+    logits_fn: LogitsFn | None = None,
 ) -> WeightNoiseResult:
     """Accuracy and loss of ``model`` with every parameter perturbed by weight noise of ``kind`` and ``scale``.
 
     w' = w + s·u (``uniform``, SmoothOut's ``--ss``; s = 0.006 in its README) or w' = w·(1 + s·u)
     (``multiplicative``), u ~ U(−1, 1); ``draws`` seeded draws (see the module docstring), evaluation mode, the
-    weights restored bit for bit. Returns mean ± sample std over the draws.
+    weights restored bit for bit. Returns mean ± sample std over the draws. With ``batch_loss`` (and ``logits_fn``
+    for the accuracy; NaN without), batches of any structure.
 
     Raises:
         ValueError: unknown ``kind``, negative ``scale`` or ``draws`` < 1.
@@ -202,7 +260,7 @@ def weight_noise_robustness(
                 for p, d in zip(params, delta):
                     p.add_(d)
             try:
-                ev = _evaluation(model, batches, loss_fn)
+                ev = _evaluation(model, batches, loss_fn, batch_loss, logits_fn)
             finally:
                 with torch.no_grad():
                     for p, c in zip(params, clean):
@@ -211,6 +269,8 @@ def weight_noise_robustness(
             losses.append(ev.loss)
 
     def std(v: list[float]) -> float:
+        if any(math.isnan(x) for x in v):  # no accuracy (statistics.stdev fails on NaN)
+            return math.nan
         return statistics.stdev(v) if len(v) > 1 else 0.0
 
     return WeightNoiseResult(
@@ -220,6 +280,41 @@ def weight_noise_robustness(
 
 
 # ---- adversarial accuracy --------------------------------------------------------------------------------------------
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, dict):
+        return f"dicts with keys {sorted(map(str, value))}"
+    return type(value).__name__
+
+
+def attack_inapplicable_reason(model: nn.Module, batch: Batch, logits_fn: LogitsFn | None = None) -> str | None:
+    """Why the adversarial attacks cannot run on ``batch`` (one sentence), or None when they can: they need
+    ``(x, y)`` batches of floating image inputs x (N, C, H, W) whose outputs ``model(x)`` are class logits (N, C ≥ 2)
+    for integer labels y (N,) and, with ``logits_fn`` (the objective's logits), the logits and labels it gives (what
+    the accuracy counts) must be those. Evaluated without grad, in evaluation mode, the model left as it was."""
+    name = type(model).__name__
+    need = "the adversarial attacks need image inputs and class logits: (x, y) batches with x a float image tensor"
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+        what = _shape(batch) if not isinstance(batch, (tuple, list)) else f"{type(batch).__name__}s of {len(batch)}"
+        return f"{need} (N, C, H, W), but {name}'s batches are {what}"
+    x, y = batch
+    if not x.is_floating_point() or x.ndim != 4:
+        return f"{need} (N, C, H, W), but {name}'s inputs are {_shape(x)}"
+    if y.ndim != 1 or y.is_floating_point():
+        return f"{need} and integer labels (N,), but {name}'s targets are {_shape(y)}"
+    with observed(model), torch.no_grad():
+        model.eval()
+        out = model(x)
+        pair = logits_fn(model, batch) if logits_fn is not None else (out, y)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < 2 or out.shape[0] != len(y):
+        return f"{need} and {name}(x) to be class logits (N, C >= 2), but it gives {_shape(out)}"
+    same = pair is not None and pair[0].shape == out.shape and torch.equal(pair[1], y)
+    if not (same and torch.allclose(pair[0].double(), out.double(), rtol=1e-4, atol=1e-5)):
+        return f"{need} and the accuracy of {name} to be that of its outputs {name}(x) against y, which it is not"
+    return None
+
+
 def _check_attack(attack: str, eps: float, steps: int) -> None:
     if attack not in ATTACKS:
         raise ValueError(f"attack: unknown {attack!r}; choose one of {', '.join(ATTACKS)}")

@@ -5,6 +5,10 @@ Directions of DNN Loss and the SGD Step Length", ICLR 2019, arXiv 1807.05031 (th
 ``FullBatchGradientAnalysis``; SPEC §3.4). They run on this process's data only (no collectives), with every module
 in eval mode (BatchNorm running statistics, dropout off), and restore the model bit for bit (weights, buffers, train
 flags, ``.grad`` and the global RNG). Gradients come from ``torch.autograd.grad``.
+
+The loss of a batch is ``loss_fn(model(x), y)`` on ``(x, y)`` batches (default cross-entropy), or
+``batch_loss(model, batch)`` on batches of any structure (e.g. the ``loss_of`` of
+:func:`flatlit.objective.resolve_objective`), weighted by :func:`flatlit.batching.batch_size`.
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatlit.batching import batch_size
 from flatlit.landscape.directions import DirectionSet
 from flatlit.landscape.surface import evaluate
-from flatlit.sharpness.base import loss_and_grad, observed
+from flatlit.sharpness.base import observed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
+BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]
+Batch = Any  # an (x, y) pair, or any structure a ``batch_loss`` understands
 GAMMAS = (0.25, 0.33, 0.5, 1.0, 2.0, 3.0, 4.0)
 
 
@@ -76,6 +83,37 @@ def _params(model: nn.Module, directions: DirectionSet | None) -> tuple[list[str
     return [n for n, _ in named], [p for _, p in named]
 
 
+def _local_grad(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    batch_loss: BatchLossFn | None,
+) -> tuple[float, list[torch.Tensor]]:
+    """Size-weighted mean loss and its gradient over this process's ``batches`` (``torch.autograd.grad``; ``.grad``
+    untouched; parameters the loss does not reach get zeros)."""
+    grads = [torch.zeros_like(p) for p in params]
+    total_loss, total = 0.0, 0
+    for batch in batches:
+        n = batch_size(batch)
+        with torch.enable_grad():
+            if batch_loss is not None:
+                loss = batch_loss(model, batch)
+            else:
+                x, y = batch
+                loss = loss_fn(model(x), y)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                what = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"batch_loss must return the batch-mean loss as a scalar tensor, got {what}")
+            g = torch.autograd.grad(loss.reshape(()), list(params), allow_unused=True)
+        for buf, gi in zip(grads, g):
+            if gi is not None:
+                buf.add_(gi, alpha=n)
+        total_loss += float(loss.detach()) * n
+        total += n
+    return total_loss / total, [g / total for g in grads]
+
+
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors])
 
@@ -94,6 +132,8 @@ def step_decomposition(
     gammas: Sequence[float] = GAMMAS,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    *,
+    batch_loss: BatchLossFn | None = None,
 ) -> StepDecomposition:
     """Loss change of an SGD step restricted to each top eigenvector, to a random direction, and in full (F45).
 
@@ -110,6 +150,8 @@ def step_decomposition(
         gammas: the multipliers γ (default 0.25, 0.33, 0.5, 1, 2, 3, 4).
         loss_fn: the batch-mean loss (default cross-entropy).
         seed: of the random unit vector (a CPU generator; the global RNG is untouched).
+        batch_loss: ``batch_loss(model, batch)``, the batch-mean loss of batches of any structure (replaces
+            ``loss_fn``).
     """
     loss_fn = loss_fn or F.cross_entropy
     _, params = _params(model, eigenvectors)
@@ -121,12 +163,12 @@ def step_decomposition(
     with observed(model):
         model.eval()
         origin = [p.detach().clone() for p in params]
-        loss0, _ = evaluate(model, batches, loss_fn)
+        loss0, _ = evaluate(model, batches, loss_fn, batch_loss=batch_loss)
         for m, mb in enumerate(minibatches):
             with torch.no_grad():  # every gradient at θ itself
                 for p, o in zip(params, origin):
                     p.copy_(o)
-            _, g = loss_and_grad(model, params, [mb], loss_fn, reduce=False)
+            _, g = _local_grad(model, params, [mb], loss_fn, batch_loss)
             gflat = _flat(g)
             steps = [torch.dot(gflat, u) * u for u in units] + [gflat]
             for i, s in enumerate(steps):
@@ -137,7 +179,7 @@ def step_decomposition(
                             n = p.numel()
                             p.copy_(o - (lr * gamma) * s[offset : offset + n].view_as(p).to(p.dtype))
                             offset += n
-                    deltas[i, j, m] = evaluate(model, batches, loss_fn)[0] - loss0
+                    deltas[i, j, m] = evaluate(model, batches, loss_fn, batch_loss=batch_loss)[0] - loss0
         with torch.no_grad():
             for p, o in zip(params, origin):
                 p.copy_(o)
@@ -150,20 +192,23 @@ def gradient_alignment(
     minibatches: Sequence[Batch],
     eigenvectors: DirectionSet | None = None,
     loss_fn: LossFn | None = None,
+    *,
+    batch_loss: BatchLossFn | None = None,
 ) -> GradientAlignment:
     """Cosines between minibatch gradients, the full-sample gradient and the top eigenvectors (F46).
 
     G = ∇L over ``batches`` (size-weighted mean), g_m = ∇L_m over each batch of ``minibatches``; over the
-    eigenvectors' parameters (all trainable parameters without ``eigenvectors``).
+    eigenvectors' parameters (all trainable parameters without ``eigenvectors``). The loss is ``loss_fn`` on
+    ``(x, y)`` batches, or ``batch_loss(model, batch)`` on batches of any structure.
     """
     loss_fn = loss_fn or F.cross_entropy
     _, params = _params(model, eigenvectors)
     units = [_flat(v) for v in eigenvectors.vectors] if eigenvectors is not None else []
     with observed(model):
         model.eval()
-        _, full = loss_and_grad(model, params, batches, loss_fn, reduce=False)
+        _, full = _local_grad(model, params, batches, loss_fn, batch_loss)
         G = _flat(full)
-        mini = [_flat(loss_and_grad(model, params, [mb], loss_fn, reduce=False)[1]) for mb in minibatches]
+        mini = [_flat(_local_grad(model, params, [mb], loss_fn, batch_loss)[1]) for mb in minibatches]
     c_mf = np.array([_cos(g, G) for g in mini])
     c_me = np.array([[_cos(g, u) for g in mini] for u in units]).reshape(len(units), len(mini))
     c_fe = np.array([_cos(G, u) for u in units])

@@ -3,7 +3,15 @@
 A point of a plane is w(α, β) = w₀ + α·d₁ + β·d₂ (Li et al. 2018, arXiv 1712.09913, eq. 1 and §4); a point of a
 line drops β; a point of the two-checkpoint line is θ(α) = lerp(θ_A, θ_B, α) (Goodfellow, Vinyals & Saxe 2015,
 arXiv 1412.6544; SPEC F42). At each point the mean loss Σ_b n_b L_b / Σ_b n_b and the accuracy are computed on a
-fixed sample with every module in eval mode (dropout off). Points are written into the model's own tensors with
+fixed sample with every module in eval mode (dropout off).
+
+The loss of a batch is ``loss_fn(model(x), y)`` on ``(x, y)`` batches (default cross-entropy), or, with a
+batch-level objective, ``batch_loss(model, batch)`` on batches of any structure (dicts, several inputs, inputs
+only; n_b = :func:`flatlit.batching.batch_size`), e.g. the ``loss_of`` of
+:func:`flatlit.objective.resolve_objective`. The accuracy is then the fraction of argmax predictions equal to the
+labels of ``logits_fn(model, batch) -> (logits (N, C), labels (N,)) | None`` (the objective's ``logits_of``; token
+accuracy for a sequence model), and NaN (no accuracy: the plots draw no accuracy axis) without ``logits_fn`` or when
+it gives None. Points are written into the model's own tensors with
 ``copy_``/``add_``/``lerp`` (no model copies, no ``load_state_dict`` per point), and the model comes back bit for
 bit (weights, BatchNorm buffers, train/eval flags, ``.grad`` and the global RNG; :func:`~flatlit.sharpness.base.
 observed`).
@@ -41,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from flatlit.batching import batch_size
 from flatlit.errors import ConfigError
 from flatlit.landscape.directions import DirectionSet
 from flatlit.sharpness.base import observed
@@ -48,6 +57,8 @@ from flatlit.sharpness.base import observed
 BN_POLICIES = ("eval", "interpolate", "update")
 FILE_VERSION = 1
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]
+LogitsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor] | None]
 Progress = Callable[[int, int], None]
 
 
@@ -109,26 +120,102 @@ def as_result(result: LandscapeResult | str) -> LandscapeResult:
 
 
 # ---- one point ----------------------------------------------------------------------------------------------------
+def _scalar_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"{tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"batch_loss must return the batch-mean loss as a scalar tensor, got {what}")
+    return loss.reshape(())
+
+
+def _objective_terms(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    batch_loss: BatchLossFn | None,
+    logits_fn: LogitsFn | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+    """(n·L, #correct or None, n, #labels) of one batch under a batch-level objective."""
+    n = batch_size(batch)
+    if batch_loss is not None:
+        loss = _scalar_loss(batch_loss(model, batch))
+    else:
+        x, y = batch
+        loss = loss_fn(model(x), y)
+    pair = logits_fn(model, batch) if logits_fn is not None else None
+    if pair is None:
+        return loss.double() * n, None, n, 0
+    logits, labels = pair
+    return loss.double() * n, (logits.argmax(1) == labels).sum().double(), n, len(labels)
+
+
 def evaluate(
-    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn
+    model: nn.Module,
+    batches: Sequence[Any],
+    loss_fn: LossFn | None = None,
+    *,
+    batch_loss: BatchLossFn | None = None,
+    logits_fn: LogitsFn | None = None,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` as it is on ``(x, y)`` batches: Σ n_b L_b / Σ n_b and the fraction of
-    argmax predictions equal to integer labels (NaN when the outputs are not class scores). No grad, local data."""
-    sums: list[torch.Tensor] = []
+    """(mean loss, accuracy) of ``model`` as it is: Σ n_b L_b / Σ n_b and the fraction of argmax predictions equal
+    to integer labels. No grad, local data.
+
+    Without ``batch_loss``/``logits_fn``: ``(x, y)`` batches, L_b = ``loss_fn(model(x), y)`` (default cross-entropy),
+    accuracy from ``model(x)`` (NaN when the outputs are not class scores). With them: batches of any structure,
+    L_b = ``batch_loss(model, batch)`` (else ``loss_fn`` on ``(x, y)``), n_b = :func:`flatlit.batching.batch_size`,
+    accuracy over the labels ``logits_fn(model, batch)`` gives (NaN without ``logits_fn`` or when it gives None for
+    some batch).
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    losses: list[torch.Tensor] = []
+    corrects: list[torch.Tensor | None] = []
+    n_total = labelled = 0
     with torch.no_grad():
-        for x, y in batches:
-            out = model(x)
-            n = len(y)
-            loss = loss_fn(out, y).double() * n
-            if out.dim() == 2 and out.shape[1] >= 2 and y.dim() == 1 and not y.is_floating_point():
-                correct = (out.argmax(1) == y).sum().double()
+        for batch in batches:
+            if batch_loss is not None or logits_fn is not None:
+                loss, correct, n, count = _objective_terms(model, batch, loss_fn, batch_loss, logits_fn)
             else:
-                correct = torch.tensor(float("nan"), dtype=torch.float64, device=loss.device)
-            sums.append(torch.stack([loss, correct, torch.tensor(float(n), dtype=torch.float64, device=loss.device)]))
-    if not sums:
+                x, y = batch
+                out = model(x)
+                n = count = len(y)
+                loss = loss_fn(out, y).double() * n
+                classes = out.dim() == 2 and out.shape[1] >= 2 and y.dim() == 1 and not y.is_floating_point()
+                correct = (out.argmax(1) == y).sum().double() if classes else None
+            losses.append(loss)
+            corrects.append(correct)
+            n_total += n
+            labelled += count
+    if not losses:
         return float("nan"), float("nan")
-    total = torch.stack(sums).sum(0).cpu()
-    return float(total[0] / total[2]), float(total[1] / total[2])
+    has_acc = labelled > 0 and all(c is not None for c in corrects)
+    sums = [torch.stack(losses).sum()]
+    if has_acc:
+        sums.append(torch.stack(corrects).sum())  # type: ignore[arg-type]
+    total = torch.stack(sums).cpu()
+    return float(total[0]) / n_total, float(total[1]) / labelled if has_acc else float("nan")
+
+
+def update_bn_statistics(model: nn.Module, batches: Sequence[Any], forward: Callable[[Any], Any]) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` as ``torch.optim.swa_utils.update_bn`` does
+    (statistics reset, cumulative averages, the whole model in train mode, no grad), with ``forward(batch)``
+    evaluating the model on a batch of any structure; the train flags are restored."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {m: m.momentum for m in bns}
+    flags = [(m, m.training) for m in model.modules()]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(batch)
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, flag in flags:
+            m.training = flag
 
 
 class PointWriter:
@@ -227,12 +314,14 @@ def _resume(path: str | None, fresh: LandscapeResult, overwrite: bool, distribut
 
 def compute_surface(
     model: nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Any],
     directions: DirectionSet,
     alphas: Sequence[float] | np.ndarray,
     betas: Sequence[float] | np.ndarray | None = None,
     *,
     loss_fn: LossFn | None = None,
+    batch_loss: BatchLossFn | None = None,
+    logits_fn: LogitsFn | None = None,
     bn: str = "eval",
     path: str | None = None,
     meta: dict[str, Any] | None = None,
@@ -245,11 +334,17 @@ def compute_surface(
 
     Args:
         model: the network at the origin w₀ (θ_A for an ``interpolate`` set); unwrapped, not a DDP wrapper.
-        batches: the fixed sample as (x, y) batches on the model's device (the whole sample on every rank).
+        batches: the fixed sample on the model's device (the whole sample on every rank): (x, y) batches, or
+            batches of any structure with ``batch_loss``.
         directions: a :class:`DirectionSet` with ≥ 1 direction (≥ 2 for a plane; the first ones are used).
         alphas, betas: the grid coordinates along d₁ and d₂.
         loss_fn: ``loss_fn(model(x), y)``, the batch-mean loss (default cross-entropy).
-        bn: ``eval``, ``interpolate`` (``interpolate`` sets only) or ``update`` (see the module docstring).
+        batch_loss: ``batch_loss(model, batch)``, the batch-mean loss of a batch of any structure (e.g. the
+            ``loss_of`` of :func:`flatlit.objective.resolve_objective`); replaces ``loss_fn``.
+        logits_fn: ``logits_fn(model, batch) -> (logits (N, C), labels (N,)) | None`` for the accuracy (e.g. the
+            objective's ``logits_of``); with ``batch_loss`` and without it, the accuracy is NaN (not measured).
+        bn: ``eval``, ``interpolate`` (``interpolate`` sets only) or ``update`` (see the module docstring; with
+            ``batch_loss`` the statistics are re-estimated through it).
         path: the results ``.npz`` (None: nothing written); finished points found there are skipped.
         meta: the caller's description of the surface (mode, checkpoints, ...), stored in the file's ``meta`` with
             bn, the sample size, the direction kind/metadata and digest; a file with another meta is an error.
@@ -285,7 +380,7 @@ def compute_surface(
         **_jsonable(meta or {}),
         "version": FILE_VERSION,
         "bn": bn,
-        "num_samples": int(sum(len(y) for _, y in batches)),
+        "num_samples": int(sum(batch_size(batch) for batch in batches)),
         "direction_kind": directions.kind,
         "direction_meta": _jsonable(directions.meta),
         "direction_digest": directions.select(*range(2 if plane else 1)).digest(),
@@ -312,9 +407,12 @@ def compute_surface(
                 writer.write(float(a[ia]), float(b[ib]) if plane else None)
                 if bn == "update":
                     torch.manual_seed(seed + i)
-                    torch.optim.swa_utils.update_bn(batches, model)
+                    if batch_loss is None:
+                        torch.optim.swa_utils.update_bn(batches, model)
+                    else:
+                        update_bn_statistics(model, batches, lambda batch: batch_loss(model, batch))
                     model.eval()
-                vals[0, j], vals[1, j] = evaluate(model, batches, loss_fn)
+                vals[0, j], vals[1, j] = evaluate(model, batches, loss_fn, batch_loss=batch_loss, logits_fn=logits_fn)
                 vals[2, j] = 1.0
                 if progress is not None:
                     progress(min(total, done_count + (j + 1)), total)

@@ -4,7 +4,7 @@ All three average the sample loss over Gaussian weight noise δ with a per-coord
 
     E_δ L(w + δ),   δ_i ~ N(0, s_i²),
 
-estimated with ``draws`` Monte-Carlo draws. Draw k takes, for each trainable parameter in ``inputs.named_params``
+estimated with ``draws`` Monte-Carlo draws. Draw k takes, for each parameter in ``inputs.named_params``
 order, ``randn_like(p, gen)`` from one ``generator(seed)`` (on the CPU, so every rank draws the same noise) and
 multiplies it by s. The standard error is that of the draws (sample std / √draws).
 """
@@ -21,7 +21,6 @@ from flatlit.sharpness.base import (
     MeasureResult,
     generator,
     mc_stats,
-    mean_loss,
     perturbed,
     randn_like,
     register_measure,
@@ -42,14 +41,14 @@ def noisy_losses(inputs: MeasureInputs, std: Scale, draws: int, seed: int) -> li
     for _ in range(draws):
         delta = [randn_like(p, gen) * s for p, s in zip(params, scales)]
         with perturbed(params, delta):
-            out.append(mean_loss(inputs.model, inputs.batches, inputs.loss_fn))
+            out.append(inputs.sample_loss())
     return out
 
 
 def _gain_result(
     name: str, inputs: MeasureInputs, std: Scale, draws: int, seed: int, settings: dict, relative_to_clean: bool
 ) -> MeasureResult:
-    clean = mean_loss(inputs.model, inputs.batches, inputs.loss_fn)
+    clean = inputs.sample_loss()
     losses = noisy_losses(inputs, std, draws, seed)
     expected, se = mc_stats(losses)
     value = expected - clean if relative_to_clean else expected

@@ -1,8 +1,15 @@
 """Shared machinery of the sharpness and complexity measures (pure PyTorch, no Lightning).
 
 Every measure is a function ``measure(inputs: MeasureInputs, **settings) -> MeasureResult`` registered under a name
-with :func:`register_measure`. :class:`MeasureInputs` bundles the model, its loss and a fixed sample of (x, y)
-batches (plus the initial weights and test batches where a measure needs them). Measures run inside
+with :func:`register_measure`. :class:`MeasureInputs` bundles the model, its loss and a fixed sample of batches
+(plus the initial weights and test batches where a measure needs them): ``(x, y)`` batches with
+``loss_fn(model(x), y)``, or batches of any structure with a ``batch_loss(model, batch)`` (the loss contract of
+:mod:`flatlit.objective`, e.g. ``resolve_objective(module, owner).loss_of``); every loss evaluation of every measure
+goes through :meth:`MeasureInputs.loss_of`. Measures that read class logits and labels (margins, the bounds,
+prediction entropy, minimum sharpness) declare it (``register_measure(..., needs_logits=True)``) and take them from
+:meth:`MeasureInputs.logits_of`; :func:`compute_measure` refuses, with one :class:`MeasureNotApplicable` line, a
+measure whose requirements the inputs do not meet, and :func:`inapplicable_reason` tells it without running the
+measure (for setup checks). Measures run inside
 :func:`observed`, which restores the weights bit for bit and leaves BatchNorm buffers, every module's train/eval
 flag, ``.grad`` and the global RNG untouched; randomness comes from a seeded ``torch.Generator``. Under
 ``torch.distributed`` each rank holds its share of the sample and the loss sums are all-reduced
@@ -31,11 +38,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatlit.batching import batch_size
+from flatlit.errors import ConfigError
 from flatlit.nn_utils import preserved_rng
+from flatlit.objective import X_KEYS, class_logits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
+BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> batch-mean loss
+LogitsFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, torch.Tensor] | None"]  # (model, batch) -> (logits, labels)
+Batch = Any  # an (x, y) pair, or any structure a ``batch_loss`` understands
 BN_POLICIES = ("eval", "train", "fold")
+
+
+class MeasureNotApplicable(ConfigError):
+    """A measure cannot apply to these inputs (e.g. it needs class logits and labels the model does not give); the
+    message is one line naming the measure, what it needs and what to do."""
 
 
 @dataclass(frozen=True)
@@ -88,13 +105,29 @@ class MeasureInputs:
 
     Args:
         model: the network (unwrapped, not a DDP wrapper).
-        batches: this rank's share of the fixed training sample, as (x, y) batches on the model's device.
-        loss_fn: ``loss_fn(model(x), y)`` returning the batch-mean loss (default cross-entropy).
+        batches: this rank's share of the fixed training sample, on the model's device: ``(x, y)`` batches, or
+            batches of any structure (tensors, tuples, dicts) when ``batch_loss`` is given; a batch's size is
+            :func:`flatlit.batching.batch_size` (the leading size of its first tensor).
+        loss_fn: ``loss_fn(model(x), y)`` returning the batch-mean loss (default cross-entropy); not used when
+            ``batch_loss`` is given.
         init_state: the initial weights (``model.state_dict()`` at initialisation) for distance-from-init and
             PAC-Bayes; None when unknown.
-        test_batches: a fixed test sample where a measure needs one.
+        test_batches: a fixed test sample where a measure needs one (same structure as ``batches``).
         num_train: the size N of the whole training set (PAC-Bayes' log(2N/δ)); default: the sample size.
-        input_shape: (C, H, W) of one input, for measures that feed synthetic inputs (path norms).
+        input_shape: the shape of one input, for measures that feed synthetic inputs (path norms, the bounds' input
+            dimension, layer tracing); default: from the first batch when its inputs can be told (the first item
+            of a tuple/list batch, a dict's ``x``/``input``/``image``... entry, or the batch itself when it is a
+            tensor), else None.
+        batch_loss: ``batch_loss(model, batch)`` returning the batch-mean loss of any batch (e.g. the ``loss_of``
+            of :func:`flatlit.objective.resolve_objective`); takes the model as an argument, so it also evaluates a
+            BatchNorm-folded copy. Every loss evaluation of every measure goes through it when it is given.
+        logits_fn: ``logits_fn(model, batch) -> (logits (N, C ≥ 2), labels (N,)) | None`` for the measures that
+            need class logits (the objective's ``logits_of``); default: ``model(x)`` against ``y`` for ``(x, y)``
+            batches when those are class logits (a one-logit binary head becomes (0, z)), else None.
+        params: the parameters the measures differentiate, perturb and sum over (a subset of ``model``'s
+            parameters, e.g. from :func:`flatlit.objective.select_parameters`); default: every parameter that
+            requires grad. Kept in the model's parameter order; with ``bn="fold"`` they are mapped onto the
+            folded copy by name (BatchNorm parameters folded away drop out).
     """
 
     model: nn.Module
@@ -104,44 +137,162 @@ class MeasureInputs:
     test_batches: Sequence[Batch] | None = None
     num_train: int | None = None
     input_shape: tuple[int, ...] | None = None
+    batch_loss: BatchLossFn | None = None
+    logits_fn: LogitsFn | None = None
+    params: Sequence[nn.Parameter] | None = None
+    explicit_params: bool = field(init=False, default=False, repr=False)
+    _checked: dict[Any, str | None] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.input_shape is None and self.batches:
-            self.input_shape = tuple(self.batches[0][0].shape[1:])
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+            self.input_shape = input_shape_of(self.batches[0])
+        named = list(self.model.named_parameters())
+        if self.params is None:
+            self.params = [p for _, p in named if p.requires_grad]
+            return
+        wanted = {id(p) for p in self.params}
+        if isinstance(self.params, torch.Tensor) or not wanted:
+            raise ValueError("MeasureInputs(params): selects no parameter; pass a non-empty list of model parameters")
+        known = {id(p) for _, p in named}
+        if wanted - known:
+            raise ValueError("MeasureInputs(params): holds a tensor that is not a parameter of the model")
+        frozen = [n for n, p in named if id(p) in wanted and not p.requires_grad]
+        if frozen:
+            raise ValueError(f"MeasureInputs(params): {', '.join(frozen[:5])} do(es) not require grad")
+        self.params = [p for _, p in named if id(p) in wanted]
+        self.explicit_params = True
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        """``params`` with their names in ``model``, in the model's order."""
+        ids = {id(p) for p in self.params}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) in ids]
 
     @property
     def device(self) -> torch.device:
         return self.params[0].device
 
+    def loss_of(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The batch-mean loss of ``model`` on ``batch``: ``batch_loss(model, batch)``, else loss_fn(model(x), y)."""
+        return batch_loss_of(model, batch, self.loss_fn, self.batch_loss)
+
+    def logits_of(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(logits (N, C ≥ 2), labels (N,))`` of ``model`` on ``batch``, or None when it gives none."""
+        if self.logits_fn is not None:
+            return self.logits_fn(model, batch)
+        return default_logits(model, batch)
+
+    def sample_loss(self, batches: Sequence[Batch] | None = None, reduce: bool = True) -> float:
+        """:func:`mean_loss` of ``model`` over ``batches`` (default: the sample) through :meth:`loss_of`."""
+        batches = self.batches if batches is None else batches
+        return mean_loss(self.model, batches, self.loss_fn, reduce, batch_loss=self.batch_loss)
+
+    def sample_loss_and_grad(
+        self, batches: Sequence[Batch] | None = None, params: Sequence[torch.Tensor] | None = None, reduce: bool = True
+    ) -> tuple[float, list[torch.Tensor]]:
+        """:func:`loss_and_grad` over ``batches`` (default: the sample) for ``params`` (default: ``self.params``)."""
+        batches = self.batches if batches is None else batches
+        params = self.params if params is None else params
+        return loss_and_grad(self.model, params, batches, self.loss_fn, reduce, batch_loss=self.batch_loss)
+
+
+def _is_pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)
+
+
+def input_shape_of(batch: Any) -> tuple[int, ...] | None:
+    """The shape of one input of ``batch``: its first item (tuple/list), its ``x``/``input``/``image``... entry
+    (dict), or the batch itself (a tensor); None when it cannot be told."""
+    x: Any = None
+    if isinstance(batch, torch.Tensor):
+        x = batch
+    elif isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+    elif isinstance(batch, dict):
+        x = next((batch[k] for k in X_KEYS if k in batch), None)
+    if isinstance(x, torch.Tensor) and x.ndim >= 1:
+        return tuple(x.shape[1:])
+    return None
+
+
+def batch_loss_of(model: nn.Module, batch: Batch, loss_fn: LossFn | None = None, batch_loss: BatchLossFn | None = None):
+    """The batch-mean loss of ``model`` on one batch: ``batch_loss(model, batch)`` when given, else
+    ``loss_fn(model(x), y)`` (default cross-entropy) with ``x, y = batch``."""
+    if batch_loss is not None:
+        return batch_loss(model, batch)
+    x, y = batch
+    return (loss_fn or F.cross_entropy)(model(x), y)
+
+
+def default_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(logits, labels)`` of an ``(x, y)`` batch from ``model(x)`` when they are class logits
+    (:func:`flatlit.objective.class_logits`; a one-logit binary head becomes (0, z)); outputs (N, C, *d) against
+    integer labels (N, *d) count every position as one example. None otherwise."""
+    if not _is_pair(batch):
+        return None
+    x, y = batch
+    out = model(x)
+    if (
+        isinstance(out, torch.Tensor)
+        and out.ndim > 2
+        and not y.is_floating_point()
+        and y.shape == out.shape[:1] + out.shape[2:]
+    ):
+        out = out.movedim(1, -1).reshape(-1, out.shape[1])
+        y = y.reshape(-1)
+    return class_logits(out, y)
+
 
 # ---- registry -----------------------------------------------------------------------------------------------------
+Requirement = bool | str | Callable[[dict[str, Any]], "bool | str"]
+
+
 @dataclass(frozen=True)
 class MeasureSpec:
+    """A registered measure. ``needs_logits``: False, True (class logits and labels, :meth:`MeasureInputs.logits_of`)
+    or ``"differentiable"`` (logits that carry gradients to the parameters), or a function of the settings giving
+    one of those; ``needs_input_shape``: whether it feeds synthetic inputs of ``input_shape`` (True, or ``"conv"``:
+    only when the model has convolutions; or a function of the settings giving one of those)."""
+
     name: str
     fn: Callable[..., MeasureResult]
     kind: str  # "sharpness" or "complexity"
     defaults: dict[str, Any]
     doc: str
+    needs_logits: Requirement = False
+    needs_input_shape: Requirement = False
+
+    def requirements(self, settings: dict[str, Any]) -> tuple[bool | str, bool | str]:
+        """(needs_logits, needs_input_shape) under ``settings`` (merged with the defaults)."""
+        merged = {**self.defaults, **settings}
+        logits = self.needs_logits(merged) if callable(self.needs_logits) else self.needs_logits
+        shape = self.needs_input_shape(merged) if callable(self.needs_input_shape) else self.needs_input_shape
+        return logits, shape
 
 
 _MEASURES: dict[str, MeasureSpec] = {}
 
 
-def register_measure(name: str, kind: str = "sharpness", **defaults: Any) -> Callable:
-    """Decorator registering a measure under ``name`` with its default settings (timm-style registry)."""
+def register_measure(
+    name: str,
+    kind: str = "sharpness",
+    *,
+    needs_logits: Requirement = False,
+    needs_input_shape: Requirement = False,
+    **defaults: Any,
+) -> Callable:
+    """Decorator registering a measure under ``name`` with its default settings (timm-style registry).
+
+    ``needs_logits`` declares that the measure reads class logits and labels (True; ``"differentiable"`` when it
+    differentiates them; or a function of the settings, e.g. only with ``over_margin``); ``needs_input_shape`` that
+    it feeds synthetic inputs of ``input_shape`` (``"conv"``: only for a model with convolutions).
+    :func:`compute_measure` refuses the measure, with one line, when the inputs do not meet them."""
 
     def wrap(fn: Callable[..., MeasureResult]) -> Callable[..., MeasureResult]:
         if name in _MEASURES:
             raise ValueError(f"measure {name!r} is already registered")
-        _MEASURES[name] = MeasureSpec(name, fn, kind, {"bn": "eval", **defaults}, inspect.cleandoc(fn.__doc__ or ""))
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        _MEASURES[name] = MeasureSpec(name, fn, kind, {"bn": "eval", **defaults}, doc, needs_logits, needs_input_shape)
         return fn
 
     return wrap
@@ -163,29 +314,119 @@ def get_measure(name: str) -> MeasureSpec:
     return _MEASURES[name]
 
 
-def compute_measure(name: str, inputs: MeasureInputs, **settings: Any) -> MeasureResult:
-    """Run measure ``name`` with its defaults updated by ``settings`` (unknown settings are a ValueError).
-
-    Every measure takes ``bn``: ``eval`` (running statistics, default), ``train`` (batch statistics) or ``fold``
-    (BatchNorm folded into the preceding layer, :func:`fold_batchnorm`; the initial weights ``inputs.init_state``
-    are folded the same way with the initial model's own BN statistics, :func:`fold_state`); dropout is always off.
-    The model comes back exactly as it was (:func:`observed`).
-    """
+def _merged(name: str, settings: dict[str, Any]) -> tuple[MeasureSpec, dict[str, Any]]:
     spec = get_measure(name)
     unknown = sorted(set(settings) - set(spec.defaults))
     if unknown:
         raise ValueError(
             f"measure {name!r}: unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(sorted(spec.defaults))}."
         )
-    merged = {**spec.defaults, **settings}
+    return spec, {**spec.defaults, **settings}
+
+
+def _reason(spec: MeasureSpec, inputs: MeasureInputs, settings: dict[str, Any]) -> str | None:
+    """Why ``spec`` cannot apply to ``inputs`` (one line), or None; evaluates the logits of one batch at most (call
+    with the model in its measuring mode, inside :func:`observed`)."""
+    logits, shape = spec.requirements(settings)
+    what = type(inputs.model).__name__
+    if shape == "conv":
+        shape = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in inputs.model.modules())
+    if shape and inputs.input_shape is None:
+        return (
+            f"measure {spec.name!r} needs the shape of one input (input_shape), which the batches of {what} do not "
+            "tell (they are not (inputs, ...) tuples, dicts with an 'x'/'input'/'image' entry or input tensors); "
+            "pass MeasureInputs(input_shape=...) or leave it out."
+        )
+    if not logits or not inputs.batches:
+        return None
+    differentiable = logits == "differentiable"
+    key = (id(inputs.model), differentiable)
+    if key not in inputs._checked:
+        inputs._checked[key] = _logits_reason(inputs, differentiable)
+    found = inputs._checked[key]
+    return None if found is None else f"measure {spec.name!r} {found}"
+
+
+def _logits_reason(inputs: MeasureInputs, differentiable: bool) -> str | None:
+    what = type(inputs.model).__name__
+    hook = "define outputs_and_targets(self, batch) -> (logits, labels) on the module (or MeasureInputs(logits_fn=...))"
+    try:
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            pair = inputs.logits_of(inputs.model, inputs.batches[0])
+    except Exception as err:  # any failure of the user's hook is reported in the one line
+        first = str(err).splitlines()[0] if str(err) else ""
+        return (
+            f"needs class logits and labels, but getting them from {what} failed on a batch "
+            f"({type(err).__name__}: {first}); {hook}, or leave the measure out."
+        )
+    if pair is None:
+        return (
+            f"needs class logits and labels, which {what} does not give on its batches (they are not (inputs, "
+            f"integer labels) with class-logit outputs); {hook}, or leave the measure out."
+        )
+    if differentiable and not pair[0].requires_grad:
+        return (
+            f"differentiates the class logits, but those {what} gives are detached from its parameters; make "
+            "outputs_and_targets(self, batch) return logits that carry gradients, or leave the measure out."
+        )
+    return None
+
+
+def inapplicable_reason(name: str, inputs: MeasureInputs, **settings: Any) -> str | None:
+    """Why measure ``name`` (with ``settings``) cannot apply to ``inputs``, as one line naming it, or None when it
+    can: without running it (at most one forward of the first batch, in the measure's BatchNorm mode, leaving the
+    model exactly as it was). For setup checks; :func:`compute_measure` raises :class:`MeasureNotApplicable` with
+    the same line."""
+    spec, merged = _merged(name, settings)
+    bn = merged["bn"]
+    with observed(inputs.model):
+        set_bn_policy(inputs.model, "eval" if bn == "fold" else bn)
+        return _reason(spec, inputs, merged)
+
+
+def measure_applies(name: str, inputs: MeasureInputs, **settings: Any) -> bool:
+    """Whether measure ``name`` can apply to ``inputs`` (:func:`inapplicable_reason` is None)."""
+    return inapplicable_reason(name, inputs, **settings) is None
+
+
+def _folded_params(inputs: MeasureInputs, folded: nn.Module, name: str) -> list[nn.Parameter] | None:
+    """The explicit parameter selection mapped onto the folded copy by name (None: every trainable parameter)."""
+    if not inputs.explicit_params:
+        return None
+    by_name = dict(folded.named_parameters())
+    mapped = [by_name[n] for n, _ in inputs.named_params if n in by_name and by_name[n].requires_grad]
+    if not mapped:
+        raise ValueError(
+            f"measure {name!r}: params selects only parameters that bn='fold' folds away (BatchNorm); select the "
+            "layers' weights or use bn='eval'."
+        )
+    return mapped
+
+
+def compute_measure(name: str, inputs: MeasureInputs, **settings: Any) -> MeasureResult:
+    """Run measure ``name`` with its defaults updated by ``settings`` (unknown settings are a ValueError).
+
+    Every measure takes ``bn``: ``eval`` (running statistics, default), ``train`` (batch statistics) or ``fold``
+    (BatchNorm folded into the preceding layer, :func:`fold_batchnorm`; the initial weights ``inputs.init_state``
+    are folded the same way with the initial model's own BN statistics, :func:`fold_state`, and an explicit
+    ``inputs.params`` is mapped onto the folded copy by name); dropout is always off. A measure whose requirements
+    (class logits, an input shape) the inputs do not meet raises :class:`MeasureNotApplicable` (one line) before
+    anything runs. The model comes back exactly as it was (:func:`observed`).
+    """
+    spec, merged = _merged(name, settings)
     bn = merged.pop("bn")
     with observed(inputs.model):
         set_bn_policy(inputs.model, "eval" if bn == "fold" else bn)
+        reason = _reason(spec, inputs, {**merged, "bn": bn})
+        if reason is not None:
+            raise MeasureNotApplicable(reason)
         if bn == "fold":
             init_state = inputs.init_state
             if init_state is not None:
                 init_state = fold_state(inputs.model, init_state)
-            inputs = dataclasses.replace(inputs, model=fold_batchnorm(inputs.model), init_state=init_state)
+            folded = fold_batchnorm(inputs.model)
+            params = _folded_params(inputs, folded, name)
+            inputs = dataclasses.replace(inputs, model=folded, init_state=init_state, params=params)
         result = spec.fn(inputs, **merged)
     return dataclasses.replace(result, settings={**result.settings, "bn": bn})
 
@@ -306,41 +547,67 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def sample_size(batches: Sequence[Batch]) -> int:
-    n = torch.tensor(float(sum(len(y) for _, y in batches)), dtype=torch.float64)
+    """Examples in the sample over all ranks (:func:`flatlit.batching.batch_size` of each batch)."""
+    n = torch.tensor(float(sum(batch_size(b) for b in batches)), dtype=torch.float64)
     return int(all_reduce_sum(n).item())
 
 
-def mean_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, reduce: bool = True) -> float:
+def mean_loss(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    loss_fn: LossFn | None = None,
+    reduce: bool = True,
+    *,
+    batch_loss: BatchLossFn | None = None,
+) -> float:
     """Σ_b n_b L_b / Σ_b n_b over the sample (all ranks; this rank's ``batches`` only when ``reduce`` is False),
-    no grad: one forward pass."""
+    no grad: one forward pass. L_b is ``batch_loss(model, batch)`` when given, else ``loss_fn(model(x), y)``
+    (default cross-entropy); n_b = :func:`flatlit.batching.batch_size`."""
     dev = next(model.parameters()).device
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
     with torch.no_grad():
-        for x, y in batches:
-            acc[0] += loss_fn(model(x), y).double() * len(y)
-            acc[1] += len(y)
+        for batch in batches:
+            n = batch_size(batch)
+            acc[0] += _scalar(batch_loss_of(model, batch, loss_fn, batch_loss), batch_loss).double() * n
+            acc[1] += n
     if reduce:
         acc = all_reduce_sum(acc)
     return float(acc[0] / acc[1])
 
 
+def _scalar(loss: Any, batch_loss: BatchLossFn | None) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        what = "batch_loss" if batch_loss is not None else "loss_fn"
+        raise ValueError(f"{what} must return the batch-mean loss as a scalar tensor, got {shape}")
+    return loss.reshape(())
+
+
 def loss_and_grad(
-    model: nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Batch], loss_fn: LossFn, reduce: bool = True
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    batches: Sequence[Batch],
+    loss_fn: LossFn | None = None,
+    reduce: bool = True,
+    *,
+    batch_loss: BatchLossFn | None = None,
 ) -> tuple[float, list[torch.Tensor]]:
     """Mean loss and its gradient over the sample by ``torch.autograd.grad`` (``.grad`` untouched): over all ranks,
-    or over this rank's ``batches`` only when ``reduce`` is False (e.g. m-sharpness chunks, which differ by rank)."""
+    or over this rank's ``batches`` only when ``reduce`` is False (e.g. m-sharpness chunks, which differ by rank).
+    The loss of a batch is ``batch_loss(model, batch)`` when given, else ``loss_fn(model(x), y)``."""
     dev = params[0].device
     grads = [torch.zeros_like(p) for p in params]
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
-    for x, y in batches:
+    for batch in batches:
+        n = batch_size(batch)
         with torch.enable_grad():
-            loss = loss_fn(model(x), y)
+            loss = _scalar(batch_loss_of(model, batch, loss_fn, batch_loss), batch_loss)
             g = torch.autograd.grad(loss, list(params), allow_unused=True)
         for buf, gi in zip(grads, g):
             if gi is not None:
-                buf.add_(gi, alpha=len(y))
-        acc[0] += loss.detach().double() * len(y)
-        acc[1] += len(y)
+                buf.add_(gi, alpha=n)
+        acc[0] += loss.detach().double() * n
+        acc[1] += n
     flat = torch.cat([acc.to(grads[0].dtype), *[g.reshape(-1) for g in grads]])
     if reduce:
         flat = all_reduce_sum(flat)
@@ -350,6 +617,21 @@ def loss_and_grad(
         out.append(flat[i : i + g.numel()].view_as(g) / total)
         i += g.numel()
     return float(flat[0]) / total, out
+
+
+def narrow_batch(batch: Batch, start: int, length: int) -> Batch:
+    """Examples ``start`` to ``start + length`` of ``batch``: every tensor with a leading dimension is sliced along
+    dim 0, tuples/lists/dicts keep their structure, other values are kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start : start + length] if batch.ndim else batch
+    if isinstance(batch, dict):
+        return type(batch)({k: narrow_batch(v, start, length) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        parts = [narrow_batch(v, start, length) for v in batch]
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+            return type(batch)(*parts)
+        return type(batch)(parts)
+    return batch
 
 
 @contextmanager

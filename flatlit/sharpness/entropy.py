@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from flatlit.sharpness.base import (
     Cost,
     MeasureInputs,
+    MeasureNotApplicable,
     MeasureResult,
     all_reduce_sum,
     generator,
-    mean_loss,
     perturbed,
     randn_like,
     register_measure,
@@ -82,7 +82,7 @@ def local_entropy(
     for _ in range(draws):
         delta = [randn_like(p, gen) * sigma for p in params]
         with perturbed(params, delta):
-            losses.append(mean_loss(inputs.model, inputs.batches, inputs.loss_fn))
+            losses.append(inputs.sample_loss())
     ls = torch.tensor(losses, dtype=torch.float64)
     if legacy:
         lme, se = _log_mean_exp(ls)
@@ -104,12 +104,15 @@ def local_entropy(
     )
 
 
-@register_measure("prediction_entropy")
+@register_measure("prediction_entropy", needs_logits=True)
 def prediction_entropy(inputs: MeasureInputs) -> MeasureResult:
     """Mean Shannon entropy of the softmax predictions over the sample, in nats (SPEC F32; LPF-SGD's
     ``shannon_entropy``, Bisla et al. 2022, arXiv 2201.08025): −(1/N) Σ_i Σ_k p_ik log p_ik with p_i =
-    softmax(f(x_i)) over the class dimension 1 (computed from ``log_softmax``; outputs with extra dimensions average
-    over every position). Sums and counts are all-reduced. Deterministic.
+    softmax(f(x_i)) over the classes, computed from ``log_softmax`` on the class logits of
+    :meth:`~flatlit.sharpness.base.MeasureInputs.logits_of` (``logits_fn``, e.g. a module's
+    ``outputs_and_targets``; by default ``model(x)``, outputs with extra dimensions (N, C, ...) counting every
+    position, a one-logit binary head as (0, z): the entropy of sigmoid(z)). Needs class logits: refused (one line)
+    for a model that gives none, e.g. an autoencoder. Sums and counts are all-reduced. Deterministic.
 
     Extra: ``normalised`` (value / log K, in [0, 1], for K > 1 classes).
 
@@ -118,8 +121,11 @@ def prediction_entropy(inputs: MeasureInputs) -> MeasureResult:
     dev = inputs.device
     acc = torch.zeros(4, dtype=torch.float64, device=dev)  # entropy sum, positions, Σ classes, batches
     with torch.no_grad():
-        for x, _ in inputs.batches:
-            logp = F.log_softmax(inputs.model(x).double(), dim=1)
+        for batch in inputs.batches:
+            pair = inputs.logits_of(inputs.model, batch)
+            if pair is None:
+                raise MeasureNotApplicable("measure 'prediction_entropy' needs class logits on every batch")
+            logp = F.log_softmax(pair[0].double(), dim=1)
             ent = -(logp.exp() * logp).sum(1)
             acc[0] += ent.sum()
             acc[1] += ent.numel()

@@ -18,17 +18,18 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatlit.batching import batch_size
 from flatlit.curvature import HessianOperator, hutchinson
 from flatlit.curvature.hvp import flatten
+from flatlit.objective import twice_differentiable
 from flatlit.sharpness.base import (
     Cost,
     MeasureInputs,
     MeasureResult,
     all_reduce_sum,
     generator,
-    loss_and_grad,
     mc_stats,
-    mean_loss,
+    narrow_batch,
     perturbed,
     randn_like,
     register_measure,
@@ -54,9 +55,19 @@ def _bn_mode(model: nn.Module) -> str:
 
 
 def hessian_operator(inputs: MeasureInputs) -> HessianOperator:
-    """The Hessian of the sample loss on the trainable parameters, in the measure's BatchNorm mode."""
+    """The Hessian of the sample loss (:meth:`MeasureInputs.loss_of`: the batch loss when given) on
+    ``inputs.params``, in the measure's BatchNorm mode. Apply it under :func:`flatlit.objective.twice_differentiable`
+    (the measures here do)."""
+    model = inputs.model
+    batch_loss = None if inputs.batch_loss is None else (lambda batch: inputs.batch_loss(model, batch))
     return HessianOperator(
-        inputs.model, inputs.batches, inputs.loss_fn, inputs.params, bn_mode=_bn_mode(inputs.model), distributed=None
+        model,
+        inputs.batches,
+        inputs.loss_fn,
+        inputs.params,
+        bn_mode=_bn_mode(model),
+        distributed=None,
+        batch_loss=batch_loss,
     )
 
 
@@ -77,7 +88,8 @@ def hessian_trace(inputs: MeasureInputs, probes: int = 50, seed: int = 0) -> Mea
     _check_int("hessian_trace", "probes", probes, 2)
     _check_int("hessian_trace", "seed", seed, 0)
     op = hessian_operator(inputs)
-    res = hutchinson(op.matvec, op.numel, probes, seed, op.dtype, op.device)
+    with twice_differentiable("hessian_trace"):
+        res = hutchinson(op.matvec, op.numel, probes, seed, op.dtype, op.device)
     return MeasureResult(
         "hessian_trace",
         float(res.estimate),
@@ -110,9 +122,10 @@ def hessian_frobenius(inputs: MeasureInputs, probes: int = 10, seed: int = 0) ->
     gen = generator(seed)
     like = torch.empty(op.numel, dtype=op.dtype, device=op.device)
     squares = []
-    for _ in range(probes):
-        hv = op.matvec(randn_like(like, gen))
-        squares.append(float(hv.double().pow(2).sum()))
+    with twice_differentiable("hessian_frobenius"):
+        for _ in range(probes):
+            hv = op.matvec(randn_like(like, gen))
+            squares.append(float(hv.double().pow(2).sum()))
     sq, sq_se = mc_stats(squares)
     value = math.sqrt(max(sq, 0.0))
     se = sq_se / (2 * value) if value > 0 else float("nan")
@@ -131,14 +144,17 @@ def theta_h_theta(inputs: MeasureInputs) -> MeasureResult:
     """θᵀHθ, the curvature of the sample loss along the weights themselves (SPEC F26).
 
     LPF-SGD's ``fim`` / "FRN" measure (Bisla et al. 2022, arXiv 2201.08025, §5.6 of the SPEC): one HVP with v = θ
-    over the trainable parameters. ``extra["normalised"]`` is θᵀHθ / ‖θ‖² (the Rayleigh quotient along θ, which
-    does not grow with the weight scale the way θᵀHθ does), and ``extra["theta_norm_sq"]`` is ‖θ‖². Deterministic.
+    over the trainable parameters (``inputs.params``), of whatever loss the inputs carry (a ``batch_loss`` of any
+    batch structure included; no logits needed). ``extra["normalised"]`` is θᵀHθ / ‖θ‖² (the Rayleigh quotient
+    along θ, which does not grow with the weight scale the way θᵀHθ does), and ``extra["theta_norm_sq"]`` is ‖θ‖².
+    Deterministic.
 
     Cost: 1 HVP.
     """
     op = hessian_operator(inputs)
     theta = flatten([p.detach() for p in inputs.params])
-    hv = op.matvec(theta)
+    with twice_differentiable("theta_h_theta"):
+        hv = op.matvec(theta)
     value = float(torch.dot(theta.double(), hv.double()))
     norm_sq = float(theta.double().pow(2).sum())
     return MeasureResult(
@@ -169,8 +185,17 @@ def fisher_rao_norm(inputs: MeasureInputs) -> MeasureResult:
     per-example loss (the :class:`MeasureInputs` convention). With ``bn="train"`` the J_i θ include the batch
     statistics' dependence on θ. Squares and counts are all-reduced. Deterministic.
 
-    Cost: 1 forward + 1 gradient (a forward-mode pass, primal and tangent, plus a backward of the loss to the outputs).
+    With a ``batch_loss`` (batches of any structure: an autoencoder, a language model, a module's
+    ``curvature_loss``) the per-example loss ℓ_i is the batch loss of example i alone (the batch cut to it,
+    :func:`~flatlit.sharpness.base.narrow_batch`), and ⟨θ, ∇_θ ℓ_i⟩ comes from one backward pass per example (no
+    logits needed); this needs ``bn="eval"`` or ``"fold"`` (one-example batch statistics are meaningless). For a
+    batch-mean loss of per-example terms both ways give the same value.
+
+    Cost: 1 forward + 1 gradient (a forward-mode pass, primal and tangent, plus a backward of the loss to the outputs);
+    with a ``batch_loss``, ``per_example`` = 1 (a gradient for each example).
     """
+    if inputs.batch_loss is not None:
+        return _fisher_rao_generic(inputs)
     named = inputs.named_params
     dev = named[0][1].device
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -192,6 +217,28 @@ def fisher_rao_norm(inputs: MeasureInputs) -> MeasureResult:
     # cost: one forward-mode pass (primal + tangent: a forward and about a backward's worth) and a backward of the
     # loss to the outputs only, counted as 1 forward + 1 gradient
     return MeasureResult("fisher_rao_norm", value, None, Cost(forwards=1, gradients=1), {}, {"norm": math.sqrt(value)})
+
+
+def _fisher_rao_generic(inputs: MeasureInputs) -> MeasureResult:
+    """(1/n) Σ_i ⟨θ, ∇_θ L({i})⟩² with L({i}) the batch loss of example i alone: one backward per example."""
+    if _bn_mode(inputs.model) == "train":
+        raise ValueError(
+            "fisher_rao_norm with a batch_loss takes one example at a time: use bn='eval' or bn='fold', not bn='train'"
+        )
+    params = inputs.params
+    theta = [p.detach() for p in params]
+    acc = torch.zeros(2, dtype=torch.float64, device=inputs.device)
+    for batch in inputs.batches:
+        for i in range(batch_size(batch)):
+            with torch.enable_grad():
+                loss = inputs.loss_of(inputs.model, narrow_batch(batch, i, 1))
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            inner = sum((g.double() * t.double()).sum() for g, t in zip(grads, theta) if g is not None)
+            acc[0] += torch.as_tensor(inner, dtype=torch.float64, device=acc.device) ** 2
+            acc[1] += 1
+    acc = all_reduce_sum(acc)
+    value = float(acc[0] / acc[1])
+    return MeasureResult("fisher_rao_norm", value, None, Cost(per_example=1), {}, {"norm": math.sqrt(value)})
 
 
 # ---- ε-flatness along the gradient ----------------------------------------------------------------------------------
@@ -221,7 +268,7 @@ def epsilon_flatness(
     _check_int("epsilon_flatness", "max_iter", max_iter, 1)
     settings = {"epsilon": epsilon, "tol": tol, "max_iter": max_iter}
     params = inputs.params
-    loss0, grads = loss_and_grad(inputs.model, params, inputs.batches, inputs.loss_fn)
+    loss0, grads = inputs.sample_loss_and_grad()
     gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
     extra = {"grad_norm": gnorm, "loss": loss0}
     if gnorm == 0.0 or not math.isfinite(gnorm):
@@ -235,7 +282,7 @@ def epsilon_flatness(
         nonlocal evaluations
         evaluations += 1
         with perturbed(params, [g * eta for g in grads]):
-            d = mean_loss(inputs.model, inputs.batches, inputs.loss_fn) - loss0
+            d = inputs.sample_loss() - loss0
         return d if math.isfinite(d) else math.inf
 
     hi, d_hi = 1.0, increase(1.0)

@@ -16,8 +16,6 @@ from flatlit.sharpness.base import (
     MeasureInputs,
     MeasureResult,
     generator,
-    loss_and_grad,
-    mean_loss,
     register_measure,
 )
 from flatlit.sharpness.worst_case import check_bool, check_choice, check_int, check_positive, check_seed
@@ -157,9 +155,9 @@ def keskar_sharpness(
     batches: Sequence[Batch] | None = inputs.batches if split == "train" else inputs.test_batches
     if split == "test" and not batches:
         raise ValueError('split="test" needs inputs.test_batches; pass a test sample or use split="train"')
-    model, params, loss_fn = inputs.model, inputs.params, inputs.loss_fn
+    params = inputs.params
     x0 = _flat(params)
-    f0 = mean_loss(model, batches, loss_fn)
+    f0 = inputs.sample_loss(batches)
     sign = 1.0 if legacy_sign_bug else -1.0
     evaluations = 0
     gen = generator(seed)
@@ -169,7 +167,7 @@ def keskar_sharpness(
     def loss_grad_at(x: np.ndarray) -> tuple[float, np.ndarray]:
         nonlocal evaluations
         _load(params, x)
-        f, g = loss_and_grad(model, params, batches, loss_fn)
+        f, g = inputs.sample_loss_and_grad(batches)
         evaluations += 1
         best[0] = max(best[0], f)
         return f, _flat(g)

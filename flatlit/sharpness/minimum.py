@@ -17,7 +17,17 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatlit.sharpness.base import Batch, Cost, MeasureInputs, MeasureResult, all_reduce_sum, register_measure
+from flatlit.batching import split_batch
+from flatlit.sharpness.base import (
+    Batch,
+    Cost,
+    LogitsFn,
+    MeasureInputs,
+    MeasureNotApplicable,
+    MeasureResult,
+    all_reduce_sum,
+    register_measure,
+)
 from flatlit.sharpness.norms import find_layers
 
 
@@ -60,9 +70,14 @@ def gauss_newton_diagonal(
                 for n, r in rows.items():
                     for row in r:  # one fused multiply-add per example: 3x faster than squaring then summing
                         sums[n].addcmul_(row, row)
+    return _sample_mean(sums, count)
+
+
+def _sample_mean(sums: dict[str, torch.Tensor], count: int) -> tuple[dict[str, torch.Tensor], int]:
+    """``sums`` / count over all ranks (sums and count all-reduced), and the total count."""
     flat = torch.cat(
         [torch.tensor([float(count)], dtype=torch.float64, device=next(iter(sums.values())).device)]
-        + [s.reshape(-1).double() for s in sums.values()]
+        + [s.detach().reshape(-1).double() for s in sums.values()]
     )
     flat = all_reduce_sum(flat)
     total = int(flat[0])
@@ -71,6 +86,56 @@ def gauss_newton_diagonal(
         out[n] = (flat[i : i + s.numel()] / total).view_as(s).to(s.dtype)
         i += s.numel()
     return out, total
+
+
+def gauss_newton_diagonal_of_logits(
+    model: nn.Module, batches: Sequence[Batch], names: Sequence[str], logits_fn: LogitsFn, chunk_size: int = 16
+) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`gauss_newton_diagonal` for batches of any structure, with the class logits of
+    ``logits_fn(model, batch) -> (logits (R, C), labels)`` (e.g. a module's ``outputs_and_targets``; a one-logit
+    binary head as (0, z)): every logits row is one example of the average (R may differ from the batch size, e.g.
+    the tokens of a sequence batch). Each batch is cut into pieces of ``chunk_size`` examples
+    (:func:`flatlit.batching.split_batch`); for each piece one forward with grad gives the logits, and for each class
+    k the per-row vector–Jacobian products Jᵣᵀ s_rk come from backward passes batched over ``chunk_size`` rows
+    (``torch.autograd.grad(..., is_grads_batched=True)``), each squared into the sum. Rows must not interact (call in
+    eval mode)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"model has no parameter(s) {', '.join(missing)}")
+    theta = [params[n] for n in names]
+    sums = {n: torch.zeros_like(params[n]) for n in names}
+    count = 0
+    for batch in batches:
+        for piece in split_batch(batch, size=chunk_size):
+            with torch.enable_grad():
+                pair = logits_fn(model, piece)
+                if pair is None:
+                    raise MeasureNotApplicable("minimum_sharpness needs class logits on every batch")
+                logits = pair[0]
+                if not logits.requires_grad:
+                    raise MeasureNotApplicable(
+                        "minimum_sharpness differentiates the class logits, but they are detached from the parameters"
+                    )
+                prob = torch.softmax(logits.detach().double(), dim=-1)  # (R, K)
+                root = prob.sqrt()
+                rows, classes = prob.shape
+                count += rows
+                for start in range(0, rows, chunk_size):
+                    idx = torch.arange(start, min(rows, start + chunk_size), device=logits.device)
+                    for k in range(classes):
+                        s_k = -root[idx, k : k + 1] * prob[idx]  # √p_k (e_k − p) for these rows
+                        s_k[:, k] += root[idx, k]
+                        cot = torch.zeros(len(idx), rows, classes, dtype=logits.dtype, device=logits.device)
+                        cot[torch.arange(len(idx), device=logits.device), idx] = s_k.to(logits.dtype)
+                        grads = torch.autograd.grad(
+                            logits, theta, cot, retain_graph=True, is_grads_batched=True, allow_unused=True
+                        )
+                        for n, g in zip(names, grads):
+                            if g is not None:
+                                for row in g:
+                                    sums[n].addcmul_(row, row)
+    return _sample_mean(sums, count)
 
 
 def minimize_rescaled_trace(
@@ -142,7 +207,9 @@ def minimize_rescaled_trace(
     return fe * scale, e.tolist(), steps, converged
 
 
-@register_measure("minimum_sharpness", kind="sharpness", chunk_size=16, max_steps=100, tol=1e-12)
+@register_measure(
+    "minimum_sharpness", kind="sharpness", needs_logits="differentiable", chunk_size=16, max_steps=100, tol=1e-12
+)
 def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int, tol: float) -> MeasureResult:
     """Minimum sharpness (Ibayashi et al. 2021, arXiv 2106.12612; SPEC §2.3, F33): the trace of the diagonal
     Gauss–Newton matrix of the cross-entropy over the Linear/Conv weights and biases, minimised over the
@@ -158,7 +225,11 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
        (:func:`minimize_rescaled_trace`: Newton's method on the convex objective in log α, at most ``max_steps`` =
        100 steps, stopping when the Newton decrement is below ``tol`` = 1e-12 relative). Value: that minimum.
 
-    The cross-entropy GN is used whatever ``inputs.loss_fn`` is (labels are not needed). ``bn="train"`` is refused
+    The cross-entropy GN of the class logits is used whatever the loss is (labels are not needed): the logits come
+    from ``inputs.logits_fn`` (e.g. a module's ``outputs_and_targets``; :func:`gauss_newton_diagonal_of_logits`) or,
+    by default, ``model(x)`` (:func:`gauss_newton_diagonal`); a one-logit binary head counts as the two-class
+    logits (0, z). Needs class logits that carry gradients: refused (one line) for a model that gives none (an
+    autoencoder) or gives them detached. ``bn="train"`` is refused
     (per-example batch statistics). ``extra``: ``trace`` (the un-rescaled trace Σ w_l + b_l), ``w/<layer>``,
     ``b/<layer>``, ``alpha/<layer>`` (the optimal α_l), ``steps`` and ``converged``. Cost: ``per_example`` = K (the
     number of classes): each example needs K vector–Jacobian products, i.e. K per-example gradient passes (``vmap``
@@ -182,7 +253,14 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
     trainable = {n for n, _ in inputs.named_params}
     names = [f"{layer.name}.{kind}" for layer in layers for kind in ("weight", "bias")]
     names = [n for n in names if n in trainable]
-    diag, _ = gauss_newton_diagonal(model, inputs.batches, names, chunk_size=int(chunk_size))
+    first = inputs.batches[0]
+    plain = inputs.logits_fn is None and inputs.batch_loss is None and _class_outputs(model, first)
+    if plain:  # model(x) gives (N, C ≥ 2) logits: per-example gradients by vmap
+        diag, _ = gauss_newton_diagonal(model, inputs.batches, names, chunk_size=int(chunk_size))
+    else:
+        diag, _ = gauss_newton_diagonal_of_logits(
+            model, inputs.batches, names, inputs.logits_of, chunk_size=int(chunk_size)
+        )
     w = [
         float(diag[f"{layer.name}.weight"].double().sum()) if f"{layer.name}.weight" in diag else 0.0
         for layer in layers
@@ -190,8 +268,8 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
     b = [float(diag[f"{layer.name}.bias"].double().sum()) if f"{layer.name}.bias" in diag else 0.0 for layer in layers]
     value, exponents, steps, converged = minimize_rescaled_trace(w, b, max_steps=int(max_steps), tol=float(tol))
     with torch.no_grad():
-        x0 = inputs.batches[0][0][:1]
-        num_classes = int(model(x0).shape[-1])
+        pair = inputs.logits_of(model, first)
+        num_classes = int(pair[0].shape[-1]) if pair is not None else 0
     extra = {"trace": sum(w) + sum(b), "steps": float(steps), "converged": float(converged)}
     for layer, wl, bl in zip(layers, w, b):
         extra[f"w/{layer.name}"] = wl
@@ -200,3 +278,12 @@ def minimum_sharpness(inputs: MeasureInputs, *, chunk_size: int, max_steps: int,
         extra[f"alpha/{layer.name}"] = math.exp(e)
     settings = {"chunk_size": int(chunk_size), "max_steps": int(max_steps), "tol": float(tol)}
     return MeasureResult("minimum_sharpness", value, None, Cost(forwards=1, per_example=num_classes), settings, extra)
+
+
+def _class_outputs(model: nn.Module, batch: Batch) -> bool:
+    """Whether ``batch`` is ``(x, y)`` and ``model(x)`` gives (N, C ≥ 2) class logits."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)):
+        return False
+    with torch.no_grad():
+        out = model(batch[0][:1])
+    return isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] >= 2

@@ -45,8 +45,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from flatlit.sharpness.base import (
     Batch,
     Cost,
+    LogitsFn,
     MeasureInputs,
+    MeasureNotApplicable,
     MeasureResult,
+    default_logits,
     distributed,
     register_measure,
     sample_size,
@@ -77,7 +80,8 @@ def find_layers(model: nn.Module, input_shape: Sequence[int] | None = None) -> l
 
     With ``input_shape`` the order and shapes come from forward hooks on one no-grad forward of two all-zero inputs
     (two so that BatchNorm in train mode accepts them); layers not reached by the forward are left out and a layer
-    called twice counts once. Without it: registration order and ``in_shape=None``.
+    called twice counts once. Without it, or when the model's forward does not take such an input (token ids,
+    several inputs): registration order and ``in_shape=None``.
     """
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
     if input_shape is None:
@@ -96,6 +100,8 @@ def find_layers(model: nn.Module, input_shape: Sequence[int] | None = None) -> l
     try:
         with torch.no_grad():
             model(torch.zeros(2, *input_shape, dtype=p.dtype, device=p.device))
+    except Exception:  # a model whose forward does not take such inputs (tokens, several inputs)
+        return [Layer(n, m) for n, m in named]
     finally:
         for h in handles:
             h.remove()
@@ -103,7 +109,8 @@ def find_layers(model: nn.Module, input_shape: Sequence[int] | None = None) -> l
 
 
 def _layers_of(inputs: MeasureInputs, need_shapes: bool = False) -> list[Layer]:
-    if need_shapes and inputs.input_shape is None:
+    convs = any(isinstance(m, LAYER_TYPES[1:]) for m in inputs.model.modules())
+    if need_shapes and convs and inputs.input_shape is None:
         raise ValueError("this measure needs `input_shape` (the shape of one input) to trace the layers' input sizes")
     layers = find_layers(inputs.model, inputs.input_shape)
     if not layers:
@@ -294,12 +301,23 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
 
 
-def sample_margins(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
-    """f_y(x) − max_{j≠y} f_j(x) for every example of the sample, all ranks (float64, rank order): one forward."""
+def sample_margins(model: nn.Module, batches: Sequence[Batch], logits_fn: LogitsFn | None = None) -> torch.Tensor:
+    """f_y(x) − max_{j≠y} f_j(x) for every example of the sample, all ranks (float64, rank order): one forward.
+
+    The class logits and labels of a batch are ``logits_fn(model, batch)`` when given (e.g. a module's
+    ``outputs_and_targets``), else ``model(x)`` against ``y``
+    (:func:`~flatlit.sharpness.base.default_logits`); a one-logit binary head counts as the two-class logits (0, z),
+    whose margin is ±z. A batch without class logits is a :class:`~flatlit.sharpness.base.MeasureNotApplicable`."""
     local = []
     with torch.no_grad():
-        for x, y in batches:
-            out = model(x).double()
+        for batch in batches:
+            pair = logits_fn(model, batch) if logits_fn is not None else default_logits(model, batch)
+            if pair is None:
+                raise MeasureNotApplicable(
+                    "the margin needs class logits and labels; define outputs_and_targets(self, batch) -> "
+                    "(logits, labels) on the module"
+                )
+            out, y = pair[0].double(), pair[1].long()
             true = out.gather(1, y.view(-1, 1)).squeeze(1)
             other = out.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
             local.append(true - other)
@@ -314,24 +332,29 @@ def _check_percentile(percentile: float) -> float:
     return float(percentile)
 
 
-def margin_percentile(model: nn.Module, batches: Sequence[Batch], percentile: float = 5.0) -> float:
+def margin_percentile(
+    model: nn.Module, batches: Sequence[Batch], percentile: float = 5.0, logits_fn: LogitsFn | None = None
+) -> float:
     """The ``percentile``-th percentile (numpy's linear interpolation) of :func:`sample_margins`."""
-    m = sample_margins(model, batches)
+    m = sample_margins(model, batches, logits_fn)
     if m.numel() == 0:
         raise ValueError("the margin needs a non-empty sample (`batches`)")
     return float(np.percentile(m.cpu().numpy(), _check_percentile(percentile)))
 
 
-@register_measure("margin", kind="complexity", percentile=5.0)
+@register_measure("margin", kind="complexity", needs_logits=True, percentile=5.0)
 def margin(inputs: MeasureInputs, *, percentile: float) -> MeasureResult:
     """Output margin γ: the ``percentile``-th percentile over the sample of f_y(x) − max_{j≠y} f_j(x).
 
     Jiang et al. 2019 (arXiv 1912.02178, §C.1 uses the 10th percentile) and Neyshabur et al. 2017 (arXiv 1706.08947,
     5th percentile on the training set; SPEC F36). Default ``percentile=5`` (numpy linear interpolation). Under
     torch.distributed the margins of all ranks are gathered before the percentile, so every rank agrees.
+    The logits and labels come from ``inputs.logits_fn`` (e.g. a module's ``outputs_and_targets``), by default
+    ``model(x)`` against ``y``; a one-logit binary head is the two-class (0, z), margin ±z. Needs class logits:
+    refused (one line) for a model that gives none, e.g. an autoencoder.
     ``extra``: mean, min and the fraction of non-positive margins. Cost: one forward pass over the sample.
     """
-    m = sample_margins(inputs.model, inputs.batches)
+    m = sample_margins(inputs.model, inputs.batches, inputs.logits_of)
     if m.numel() == 0:
         raise ValueError("the margin needs a non-empty sample (`batches`)")
     q = _check_percentile(percentile)
@@ -379,7 +402,7 @@ def _finish_product(
     cost = Cost()
     extra = {**extra, "log_unnormalized": log_value}
     if over_margin:
-        gamma = margin_percentile(inputs.model, inputs.batches, settings["percentile"])
+        gamma = margin_percentile(inputs.model, inputs.batches, settings["percentile"], inputs.logits_of)
         extra["margin"] = gamma
         cost = Cost(forwards=1)
         log_value = log_value - math.log(gamma) if gamma > 0 else float("inf")
@@ -395,11 +418,17 @@ _PRODUCT_DOC = """
     Π‖W_l‖/γ); ``squared`` (default False) squares the result (Jiang et al. 2019's ``log_prod_of_*_over_margin`` is
     ``over_margin=True, squared=True``: log Π‖W_l‖²/γ²); ``log`` (default True) reports the natural log of the
     result (products over many layers overflow) rather than the result. A margin ≤ 0 makes a margin-normalised
-    value +inf. ``bn`` defaults to ``"fold"`` (BN folded into the preceding layer first). ``extra``: the per-layer
-    norms (by module name), ``log_unnormalized`` = Σ_l log‖W_l‖ and ``margin``. Cost: none (no data) unless
-    ``over_margin`` (one forward pass over the sample)."""
+    value +inf; ``over_margin`` needs class logits (``inputs.logits_fn``, as for ``margin``) and is refused (one
+    line) for a model without them. ``bn`` defaults to ``"fold"`` (BN folded into the preceding layer first).
+    ``extra``: the per-layer norms (by module name), ``log_unnormalized`` = Σ_l log‖W_l‖ and ``margin``. Cost: none
+    (no data) unless ``over_margin`` (one forward pass over the sample)."""
 
 _PRODUCT_DEFAULTS = dict(over_margin=False, squared=False, log=True, percentile=5.0, bn="fold")
+
+
+def _over_margin(settings: dict[str, Any]) -> bool:
+    """A norm product or path norm needs class logits only when it divides by the margin."""
+    return bool(settings.get("over_margin"))
 
 
 def _register_product(name: str, per_layer: Callable[[Layer], float], doc: str) -> None:
@@ -410,7 +439,7 @@ def _register_product(name: str, per_layer: Callable[[Layer], float], doc: str) 
 
     measure.__doc__ = doc + _PRODUCT_DOC
     measure.__name__ = name.replace(".", "_")
-    register_measure(name, kind="complexity", **_PRODUCT_DEFAULTS)(measure)
+    register_measure(name, kind="complexity", needs_logits=_over_margin, **_PRODUCT_DEFAULTS)(measure)
 
 
 _register_product(
@@ -478,9 +507,14 @@ def _spectral_norms(inputs: MeasureInputs, settings: dict[str, Any]) -> tuple[di
 
 spectral_norm_product.__doc__ = (spectral_norm_product.__doc__ or "") + _PRODUCT_DOC
 _SPECTRAL_DEFAULTS = dict(reshaped=False, power_iters=1000, tol=1e-7, seed=0)
-register_measure("spectral_norm_product", kind="complexity", **_SPECTRAL_DEFAULTS, **_PRODUCT_DEFAULTS)(
-    spectral_norm_product
-)
+register_measure(
+    "spectral_norm_product",
+    kind="complexity",
+    needs_logits=_over_margin,
+    needs_input_shape=lambda settings: False if settings.get("reshaped") else "conv",
+    **_SPECTRAL_DEFAULTS,
+    **_PRODUCT_DEFAULTS,
+)(spectral_norm_product)
 
 
 # ---- path norms -----------------------------------------------------------------------------------------------------
@@ -533,7 +567,16 @@ def _register_path_norm(name: str, p: float) -> None:
     plain norm), ``margin``."""
     measure.__name__ = name.replace(".", "_")
     register_measure(
-        name, kind="complexity", bias=True, over_margin=False, squared=False, log=False, percentile=5.0, bn="fold"
+        name,
+        kind="complexity",
+        needs_logits=_over_margin,
+        needs_input_shape=True,
+        bias=True,
+        over_margin=False,
+        squared=False,
+        log=False,
+        percentile=5.0,
+        bn="fold",
     )(measure)
 
 
@@ -646,7 +689,8 @@ _BOUND_DOC = """
 
     Common to the four bounds (Neyshabur et al. 2017, arXiv 1706.08947, §2 and the reference code
     ``bneyshabur/generalization-bounds``; SPEC §4.1, F40): constants and additive log factors are dropped; γ is the
-    ``percentile``-th percentile (default 5) of the margins f_y − max_{j≠y} f_j over the sample; m is
+    ``percentile``-th percentile (default 5) of the margins f_y − max_{j≠y} f_j over the sample (class logits from
+    ``inputs.logits_fn``, as for ``margin``: the bounds are refused, one line, for a model without them); m is
     ``inputs.num_train`` (default: the sample size); d is the number of Linear/Conv layers; α = √(d + log(C·H·W)) with
     C·H·W the input dimension (``input_shape``; Golowich et al. 2018's depth dependency); layer matrices are the
     (out, -1) reshaped weights. ``bn`` defaults to ``"fold"`` (the reference reparametrises BN into the preceding
@@ -662,7 +706,7 @@ def _bound_context(inputs: MeasureInputs, percentile: float, need_shapes: bool =
     m = inputs.num_train if inputs.num_train is not None else sample_size(inputs.batches)
     if m < 1:
         raise ValueError(f"the bounds need a training-set size `num_train` >= 1, got {m}")
-    gamma = margin_percentile(inputs.model, inputs.batches, percentile)
+    gamma = margin_percentile(inputs.model, inputs.batches, percentile, inputs.logits_of)
     d = len(layers)
     alpha = math.sqrt(d + math.log(math.prod(inputs.input_shape)))
     return {"layers": layers, "m": m, "gamma": gamma, "d": d, "alpha": alpha}
@@ -748,7 +792,9 @@ for _name, _fn, _defaults in (
     ("bound_neyshabur2018", _bound_n18, {**_SPECTRAL_DEFAULTS, "reshaped": True}),
 ):
     _fn.__doc__ = (_fn.__doc__ or "") + _BOUND_DOC
-    register_measure(_name, kind="complexity", **_defaults, percentile=5.0, bn="fold")(_fn)
+    register_measure(
+        _name, kind="complexity", needs_logits=True, needs_input_shape=True, **_defaults, percentile=5.0, bn="fold"
+    )(_fn)
 
 
 # ---- LPF-SGD's function-preserving normalisation (SPEC §5.6, F35) ---------------------------------------------------

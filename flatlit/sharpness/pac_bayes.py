@@ -12,11 +12,12 @@ after ``bisection_steps`` evaluations of Δ, keeping the σ whose Δ came closes
 which). A non-finite Δ counts as too much noise.
 
 Which parameters: flatlit perturbs every trainable parameter (``inputs.params``: weights, biases and BatchNorm γ/β,
-or with ``bn="fold"`` the folded weights and biases) and sums ‖θ − θ₀‖² over the same parameters; there is no
-option to restrict either. Both references also perturb every parameter: LPF-SGD's ``pac_bayes`` adds noise to all
-of ``model.parameters()``, and so does ``nitarshan/robust-generalization-measures``' ``_perturbed_model`` (after
-its BN folding, so the folded BN's γ = 1, β = 0 are perturbed too); that repository restricts only its *distance*
-terms ‖θ − θ₀‖ and ω to the weights (names without ``bias``/``bn``).
+or with ``bn="fold"`` the folded weights and biases) and sums ‖θ − θ₀‖² over the same parameters; an explicit
+``MeasureInputs(params=...)`` restricts both together (there is no option to restrict only one). Both references
+also perturb every parameter: LPF-SGD's ``pac_bayes`` adds noise to all of ``model.parameters()``, and so does
+``nitarshan/robust-generalization-measures``' ``_perturbed_model`` (after its BN folding, so the folded BN's γ = 1,
+β = 0 are perturbed too); that repository restricts only its *distance* terms ‖θ − θ₀‖ and ω to the weights (names
+without ``bias``/``bn``).
 
 Other differences from the references: LPF-SGD's ``pac_bayes`` (SPEC 5.6) bisects arithmetically on [tiny, 100] to
 an absolute tolerance 1e-6 with fresh draws per σ, and its θ₀ is always 0 (a bug); Jiang et al.'s measures (as coded
@@ -33,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from flatlit.sharpness.average import Scale, noisy_losses
-from flatlit.sharpness.base import Cost, MeasureInputs, MeasureResult, mean_loss, register_measure, sample_size
+from flatlit.sharpness.base import Cost, MeasureInputs, MeasureResult, register_measure, sample_size
 from flatlit.sharpness.norms import init_tensors
 from flatlit.sharpness.worst_case import check_choice, check_int, check_positive, check_seed
 
@@ -73,7 +74,7 @@ def bisect_sigma(
 ) -> tuple[float, float, float, bool, int]:
     """(σ, Δ(σ), L(θ), converged, evaluations of Δ) for the search described in the module docstring.
     Cost: 1 + evaluations·draws forward passes."""
-    clean = mean_loss(inputs.model, inputs.batches, inputs.loss_fn)
+    clean = inputs.sample_loss()
     lo, hi, sigma = 0.0, math.inf, sigma_init
     best: tuple[float, float, float] | None = None  # (|Δ − ε|, σ, Δ)
     converged, evaluations = False, 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from flatlit.batching import batch_size
 from flatlit.sharpness.base import (
     Batch,
     Cost,
@@ -30,8 +31,7 @@ from flatlit.sharpness.base import (
     all_reduce_sum,
     distributed,
     generator,
-    loss_and_grad,
-    mean_loss,
+    narrow_batch,
     perturbed,
     randn_like,
     register_measure,
@@ -166,15 +166,16 @@ def apgd_ascent(
 
 # ---- sample chunks for m-sharpness -----------------------------------------------------------------------------------
 def chunks_of(batches: Sequence[Batch], m: int) -> list[list[Batch]]:
-    """This rank's sample cut into consecutive chunks of m examples (pieces of the batches; the last chunk may be
-    smaller). Chunks may straddle batches; a piece never exceeds its batch, so memory stays that of one batch."""
+    """This rank's sample cut into consecutive chunks of m examples (pieces of the batches, of any structure:
+    :func:`~flatlit.sharpness.base.narrow_batch`; the last chunk may be smaller). Chunks may straddle batches; a
+    piece never exceeds its batch, so memory stays that of one batch."""
     out: list[list[Batch]] = [[]]
     room = m
-    for x, y in batches:
-        start = 0
-        while start < len(y):
-            take = min(room, len(y) - start)
-            out[-1].append((x[start : start + take], y[start : start + take]))
+    for batch in batches:
+        start, size = 0, batch_size(batch)
+        while start < size:
+            take = min(room, size - start)
+            out[-1].append(narrow_batch(batch, start, take))
             start += take
             room -= take
             if room == 0:
@@ -204,7 +205,7 @@ def worst_case_sharpness(
     seed = check_seed("seed", seed, allow_none=True)
     if m is not None:
         m = check_int("m", m, 1)
-    model, params, loss_fn = inputs.model, inputs.params, inputs.loss_fn
+    params = inputs.params
     scale = [p.detach().abs() for p in params] if adaptive else [torch.ones_like(p) for p in params]
 
     def climb(lg: Callable[[Sequence[torch.Tensor]], tuple[float, list[torch.Tensor]]]) -> tuple[float, float]:
@@ -220,15 +221,17 @@ def worst_case_sharpness(
         return f_start, f_best
 
     if m is None:
-        f_start, worst = climb(lambda ps: loss_and_grad(model, ps, inputs.batches, loss_fn))
-        clean = f_start if seed is None else mean_loss(model, inputs.batches, loss_fn)
+        f_start, worst = climb(lambda ps: inputs.sample_loss_and_grad(params=ps))
+        clean = f_start if seed is None else inputs.sample_loss()
         worst = max(worst, clean)  # δ = 0 is feasible
     else:
         acc = torch.zeros(3, dtype=torch.float64)  # Σ n_c·clean_c, Σ n_c·worst_c, Σ n_c
         for pieces in chunks_of(inputs.batches, m):
-            f_start, worst_c = climb(lambda ps, pieces=pieces: loss_and_grad(model, ps, pieces, loss_fn, reduce=False))
-            clean_c = f_start if seed is None else mean_loss(model, pieces, loss_fn, reduce=False)
-            n_c = sum(len(y) for _, y in pieces)
+            f_start, worst_c = climb(
+                lambda ps, pieces=pieces: inputs.sample_loss_and_grad(pieces, params=ps, reduce=False)
+            )
+            clean_c = f_start if seed is None else inputs.sample_loss(pieces, reduce=False)
+            n_c = sum(batch_size(b) for b in pieces)
             acc += torch.tensor([n_c * clean_c, n_c * max(worst_c, clean_c), n_c], dtype=torch.float64)
         if distributed():
             acc = all_reduce_sum(acc.to(inputs.device)).cpu()
@@ -332,8 +335,8 @@ def sam_sharpness(inputs: MeasureInputs, rho: float = 0.05, adaptive: bool = Fal
     """
     rho = check_positive("rho", rho)
     adaptive = check_bool("adaptive", adaptive)
-    model, params, loss_fn = inputs.model, inputs.params, inputs.loss_fn
-    clean, g = loss_and_grad(model, params, inputs.batches, loss_fn)
+    params = inputs.params
+    clean, g = inputs.sample_loss_and_grad()
     if adaptive:
         tg = [gi * p.detach().abs() for gi, p in zip(g, params)]
         norm_g = math.sqrt(_dot(tg, tg))
@@ -343,7 +346,7 @@ def sam_sharpness(inputs: MeasureInputs, rho: float = 0.05, adaptive: bool = Fal
         direction = g
     eps = [d * (rho / norm_g) if norm_g > 0 else torch.zeros_like(d) for d in direction]
     with perturbed(params, eps):
-        worst = mean_loss(model, inputs.batches, loss_fn)
+        worst = inputs.sample_loss()
     return MeasureResult(
         "sam_sharpness",
         worst - clean,
