@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from flatlit.curvature.lanczos import EigenResult
+from flatlit.curvature.lanczos import EigenResult, verify_extremes
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,6 +64,7 @@ def lobpcg(
     block_size: int | None = None,
     return_eigenvectors: bool = True,
     on_check: Callable[[int, float], None] | None = None,
+    verify: bool | None = None,
 ) -> EigenResult:
     """The k largest (``which="LA"``) or smallest (``"SA"``) eigenpairs of a symmetric operator.
 
@@ -81,8 +82,19 @@ def lobpcg(
         block_size: columns iterated (default k; a few extra "guard" columns help when λ_k ≈ λ_{k+1}).
         return_eigenvectors: also return the Ritz vectors (k × n, as :func:`lanczos`).
         on_check: called with (operator applications so far, largest wanted relative residual) every iteration.
+        verify: after convergence, check that the k pairs are the extreme ones with
+            :func:`~flatlit.curvature.lanczos.verify_extremes` (Lanczos restarts on the operator deflated by them,
+            at most ``max_iter`` × the block size products; ``converged`` is then True only if verified). Default
+            (None): for a warm start only. A cold start cannot miss a repeated eigenvalue the way single-vector
+            Lanczos does: b ≥ k random columns hold min(b, d) independent directions of every d-dimensional
+            eigenspace and the iteration stays in their block Krylov space, which therefore holds every one of the
+            at most k copies the top k can contain. A warm start can miss an eigenvalue: its columns may (nearly)
+            span an invariant subspace that is no longer the extreme one (after an eigenvalue crossing, the previous
+            top-k eigenvectors can keep residuals below ``tol`` while a new eigenvector orthogonal to them has a
+            larger eigenvalue), and then the first Rayleigh-Ritz step meets the tolerance without seeing it.
 
-    ``num_matvecs`` of the result counts operator applications (columns), comparable with :func:`lanczos`'s.
+    ``num_matvecs`` of the result counts operator applications (columns, and the verification's products),
+    comparable with :func:`lanczos`'s.
     """
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
@@ -150,6 +162,28 @@ def lobpcg(
         count += W.shape[1]
         S = torch.cat([X, W] + ([P] if P is not None else []), dim=1)
         AS = torch.cat([AX, AW] + ([AP] if AP is not None else []), dim=1)
-    values = sign * theta[:k]
-    vectors = X[:, :k].T.contiguous() if return_eigenvectors else None
-    return EigenResult(values.clone(), vectors, res[:k].clone(), count, bool((res[:k] <= tol).all()))
+    converged = bool((res[:k] <= tol).all())
+    values, vectors, residuals = theta[:k].clone(), X[:, :k].T.contiguous(), res[:k].clone()
+    if (X0 is not None if verify is None else verify) and converged:
+        # on sign·A, so the wanted end is always the largest; R holds the exact residual vectors of X
+        values, vectors, resvecs, extra, converged = verify_extremes(
+            lambda v: apply(v[:, None])[:, 0],
+            n,
+            k,
+            values,
+            vectors,
+            R[:, :k].T.contiguous(),
+            max_iter * b,
+            tol,
+            seed,
+            "LA",
+            dtype,
+            device,
+            on_check=on_check,
+            offset=count,
+        )
+        count += extra
+        values = values.to(theta.device)
+        residuals = resvecs.double().norm(dim=1) / values.abs().clamp_min(1e-30)
+        converged = converged and bool((residuals <= tol).all())
+    return EigenResult(sign * values, vectors if return_eigenvectors else None, residuals, count, converged)
