@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -304,7 +304,7 @@ def select_parameters(
     """The parameters a measurement differentiates: trainable ones by default, ``params(module)`` when callable, or
     those whose names match the ``fnmatch`` pattern(s); then without BatchNorm parameters / biases if asked. An
     empty selection is one error naming ``params``."""
-    from flatlit.nn_utils import is_bn_param
+    from flatlit.utils.nn import is_bn_param
 
     named = list(module.named_parameters())
     if params is None:

@@ -6,7 +6,7 @@ import pytest
 
 CODE = """
 import resource, sys, torch
-from flatlit.allocator import tune_allocator
+from flatlit.utils.allocator import tune_allocator
 print(tune_allocator())
 x = torch.ones(8 << 20)  # 32 MiB: above glibc's largest mmap threshold
 for _ in range(3):

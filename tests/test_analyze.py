@@ -1,4 +1,4 @@
-"""``flatlit analyze`` and :mod:`flatlit.stats` on synthetic sweeps written in the real file formats."""
+"""``flatlit analyze`` and :mod:`flatlit.analysis.stats` on synthetic sweeps written in the real file formats."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ import yaml
 from matplotlib.text import Text
 from scipy.stats import kendalltau, spearmanr
 
-from flatlit import plots, stats
-from flatlit.analyze import analyze, analyze_target, load_sweep, main, psi_figure, scatter_figure, tau_figure
+from flatlit import figures as plots
+from flatlit.analysis import stats
+from flatlit.analysis.correlation import analyze_target
+from flatlit.analysis.sweep_report import analyze
+from flatlit.analysis.sweep_table import load_sweep
+from flatlit.cli.analyze import main
+from flatlit.figures.correlation import psi_figure, scatter_figure, tau_figure
 
 MEASURES = ("lpf_sharpness", "hessian_trace", "param_norm", "margin", "sam_sharpness")
 LR, BS, WIDTH, SEEDS = (0.1, 0.03, 0.01), (32, 128, 512), (16, 64), (0, 1)
@@ -153,7 +158,7 @@ def test_granulated_tau_hand_computed_grid():
 
 
 def test_seeds_are_nuisance_keys():
-    from flatlit.analyze import nuisance_keys
+    from flatlit.analysis.correlation import nuisance_keys
 
     keys = ["seed_everything", "data.init_args.subset_seed", "model.init_args.optimizer.init_args.lr"]
     assert nuisance_keys(keys) == keys[:2]

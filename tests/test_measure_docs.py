@@ -4,7 +4,7 @@ import os
 
 import yaml
 
-from flatlit.measure import describe
+from flatlit.cli.measure import describe
 from flatlit.sharpness import get_measure, list_measures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.errors import ConfigError
 from flatlit.objective import class_logits, resolve_objective, select_parameters, twice_differentiable
+from flatlit.utils.errors import ConfigError
 
 
 class Plain(nn.Module):

@@ -12,8 +12,13 @@ import pytest
 import yaml
 from matplotlib.text import Text
 
-from flatlit import plots
-from flatlit.report import load_run, main, measures_table, relative_difference, stability, threshold_series
+from flatlit import figures as plots
+from flatlit.analysis.checkpoint_sections import measures_table
+from flatlit.analysis.render import relative_difference
+from flatlit.analysis.report_sections import threshold_series
+from flatlit.analysis.run_files import load_run
+from flatlit.analysis.stability import stability
+from flatlit.cli.report import main
 
 STEPS_PER_EPOCH = 10
 
@@ -229,7 +234,7 @@ def test_figures_are_deterministic_and_readable(tmp_path):
 
 def test_landscapes_drawn_and_overlaid(tmp_path):
     # flatlit's own modules: a broken import must fail here, not skip (the report would only leave a note)
-    import flatlit.landscape.plots  # noqa: F401
+    import flatlit.figures.landscape  # noqa: F401
     from flatlit.landscape import surface
 
     runs = [make_run(tmp_path, n, sgd_config(), full=False) for n in ("a", "b")]

@@ -13,8 +13,8 @@ import torch
 import flatlit.landscape.robustness as R
 from flatlit.cli import main, run
 from flatlit.data import MNISTDataModule
-from flatlit.robustness_cli import sample_test_split
 from flatlit.runs import sha256
+from flatlit.runs.robustness import sample_test_split
 from tests.fakedata import make_mnist
 from tests.test_cli import write_config
 

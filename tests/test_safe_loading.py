@@ -1,4 +1,4 @@
-"""Reading a shared checkpoint or run directory never runs code from it (``flatlit.safe_loading``).
+"""Reading a shared checkpoint or run directory never runs code from it (``flatlit.utils.safe_loading``).
 
 A checkpoint whose unpickling would create a file and a run whose ``config.yaml`` names ``subprocess.Popen`` as the
 model: ``measure``, ``landscape``, ``robustness``, ``report`` and ``fit --ckpt_path`` create nothing and stop with one
@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from flatlit.cli import main, run
-from flatlit.safe_loading import (
+from flatlit.utils.safe_loading import (
     UntrustedFileError,
     check_config_classes,
     is_trusted_class_path,
@@ -158,7 +158,7 @@ def test_trust_code_loads_an_old_checkpoint(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "numpy" in one_error_line(capsys)
-    from flatlit.measure import main as measure
+    from flatlit.cli.measure import main as measure
 
     results = measure([*argv[1:], "--trust_code"])
     assert np.isfinite(results["param_norm"]["value"])
@@ -189,6 +189,6 @@ def test_allowlist(monkeypatch):
     monkeypatch.setenv("FLATLIT_TRUSTED_PACKAGES", "mylab, os")
     check_config_classes(config, "config.yaml")
     monkeypatch.delenv("FLATLIT_TRUSTED_PACKAGES")
-    monkeypatch.setattr("flatlit.safe_loading._EXTRA", [])
+    monkeypatch.setattr("flatlit.utils.safe_loading._EXTRA", [])
     trust_packages("mylab", "os")
     check_config_classes(config, "config.yaml")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from flatlit.sweep import main
+from flatlit.cli.sweep import main
 from flatlit.sweeps.spec import expand, load_spec
 from flatlit.sweeps.study import Book
 from flatlit.sweeps.trial import last_error_line

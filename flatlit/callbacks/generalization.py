@@ -23,12 +23,12 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
-from flatlit.batching import batch_size
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.curvature.hvp import evaluation_mode
-from flatlit.errors import ConfigError
-from flatlit.nn_utils import preserved_rng, rank0_buffers
 from flatlit.objective import BatchLossFn, Objective, resolve_objective
+from flatlit.utils.batching import batch_size
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.nn import preserved_rng, rank0_buffers
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -15,13 +15,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
-from flatlit.batching import batch_size as size_of
 from flatlit.callbacks.curvature import CurvatureCallback
-from flatlit.errors import ConfigError
 from flatlit.landscape import BIAS_BN, LandscapeResult, compute_surface, random_directions
 from flatlit.landscape.evaluation import EvaluationFunctions, evaluation_functions
-from flatlit.nn_utils import preserved_rng
 from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
+from flatlit.utils.batching import batch_size as size_of
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.nn import preserved_rng
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
@@ -265,7 +265,7 @@ class LossLandscape(Callback):
             return
         from matplotlib.image import imread
 
-        from flatlit.landscape.plots import plot_line
+        from flatlit.figures.landscape import plot_line
 
         stem = os.path.join(log_dir, "landscape", name)
         result.save(f"{stem}.npz")

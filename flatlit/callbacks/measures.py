@@ -20,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from flatlit.callbacks.curvature import CurvatureCallback
-from flatlit.errors import ConfigError
 from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure, list_measures
 from flatlit.sharpness.base import inapplicable_reason, observed, set_bn_policy
+from flatlit.utils.errors import ConfigError
 
 INIT_FILE = "model_init.ckpt"
 

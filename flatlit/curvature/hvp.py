@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatlit.batching import batch_size
-from flatlit.nn_utils import frozen_bn_stats, is_bn_param
 from flatlit.objective import twice_differentiable
+from flatlit.utils.batching import batch_size
+from flatlit.utils.nn import frozen_bn_stats, is_bn_param
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _MODE_CACHE: dict[tuple, str] = {}  # (parameter shapes, device, dtype, block width) -> the faster matmat mode

@@ -39,7 +39,7 @@ from flatlit.data.transforms import (
     folder_transforms,
     resolve_stats,
 )
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

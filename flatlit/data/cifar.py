@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flatlit.data.base import InMemoryDataModule
-from flatlit.errors import DataNotFoundError
+from flatlit.utils.errors import DataNotFoundError
 
 
 class _ArraysOnly(pickle.Unpickler):

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from flatlit.data.base import FolderDataModule
-from flatlit.errors import DataNotFoundError
+from flatlit.utils.errors import DataNotFoundError
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flatlit.data.base import InMemoryDataModule
-from flatlit.errors import DataNotFoundError
+from flatlit.utils.errors import DataNotFoundError
 
 IDX_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

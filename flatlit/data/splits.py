@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 
 def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from flatlit.data.base import EpochStatefulDataLoader, FlatlitDataModule
 from flatlit.data.splits import subset_indices
 from flatlit.data.transforms import check_choice
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 AUGMENT_PRESETS = ("none", "basic", "cutout", "autoaugment")
 NORMALIZE_PRESETS = ("none", "dataset", "imagenet", "center")

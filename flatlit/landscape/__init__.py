@@ -1,7 +1,8 @@
 """Loss landscapes: filter-normalised random directions, Hessian eigenvectors and the line between two checkpoints
 (Li et al. 2018, arXiv 1712.09913); in-place, resumable, DDP-split evaluation of lines and planes; the step
-decomposition and gradient alignment of Jastrzębski et al. 2019 (arXiv 1807.05031); plots. Pure PyTorch and
-matplotlib, no Lightning (``flatlit landscape`` and :class:`~flatlit.callbacks.LossLandscape` are the adapters)."""
+decomposition and gradient alignment of Jastrzębski et al. 2019 (arXiv 1807.05031). Pure PyTorch, no Lightning
+(``flatlit landscape`` and :class:`~flatlit.callbacks.LossLandscape` are the adapters; the figures are
+:mod:`flatlit.figures.landscape`)."""
 
 from flatlit.landscape.directions import (
     BIAS_BN,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 NORMS = ("filter", "layer", "model", None)
 BIAS_BN = ("ignore", "filter")

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatlit.errors import ConfigError
 from flatlit.objective import Objective, class_logits
+from flatlit.utils.errors import ConfigError
 
 BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]
 LogitsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor] | None]

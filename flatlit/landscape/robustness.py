@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.batching import batch_size
 from flatlit.sharpness.base import all_reduce_sum, observed
+from flatlit.utils.batching import batch_size
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]

@@ -8,7 +8,7 @@ flags, ``.grad`` and the global RNG). Gradients come from ``torch.autograd.grad`
 
 The loss of a batch is ``loss_fn(model(x), y)`` on ``(x, y)`` batches (default cross-entropy), or
 ``batch_loss(model, batch)`` on batches of any structure (e.g. the ``loss_of`` of
-:func:`flatlit.objective.resolve_objective`), weighted by :func:`flatlit.batching.batch_size`.
+:func:`flatlit.objective.resolve_objective`), weighted by :func:`flatlit.utils.batching.batch_size`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.batching import batch_size
 from flatlit.landscape.directions import DirectionSet
 from flatlit.landscape.surface import evaluate
 from flatlit.sharpness.base import observed
+from flatlit.utils.batching import batch_size
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]

@@ -7,7 +7,7 @@ fixed sample with every module in eval mode (dropout off).
 
 The loss of a batch is ``loss_fn(model(x), y)`` on ``(x, y)`` batches (default cross-entropy), or, with a
 batch-level objective, ``batch_loss(model, batch)`` on batches of any structure (dicts, several inputs, inputs
-only; n_b = :func:`flatlit.batching.batch_size`), e.g. the ``loss_of`` of
+only; n_b = :func:`flatlit.utils.batching.batch_size`), e.g. the ``loss_of`` of
 :func:`flatlit.objective.resolve_objective`. The accuracy is then the fraction of argmax predictions equal to the
 labels of ``logits_fn(model, batch) -> (logits (N, C), labels (N,)) | None`` (the objective's ``logits_of``; token
 accuracy for a sequence model), and NaN (no accuracy: the plots draw no accuracy axis) without ``logits_fn`` or when
@@ -49,10 +49,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.batching import batch_size
-from flatlit.errors import ConfigError
 from flatlit.landscape.directions import DirectionSet
 from flatlit.sharpness.base import observed
+from flatlit.utils.batching import batch_size
+from flatlit.utils.errors import ConfigError
 
 BN_POLICIES = ("eval", "interpolate", "update")
 FILE_VERSION = 1
@@ -161,9 +161,9 @@ def evaluate(
 
     Without ``batch_loss``/``logits_fn``: ``(x, y)`` batches, L_b = ``loss_fn(model(x), y)`` (default cross-entropy),
     accuracy from ``model(x)`` (NaN when the outputs are not class scores). With them: batches of any structure,
-    L_b = ``batch_loss(model, batch)`` (else ``loss_fn`` on ``(x, y)``), n_b = :func:`flatlit.batching.batch_size`,
-    accuracy over the labels ``logits_fn(model, batch)`` gives (NaN without ``logits_fn`` or when it gives None for
-    some batch).
+    L_b = ``batch_loss(model, batch)`` (else ``loss_fn`` on ``(x, y)``),
+    n_b = :func:`flatlit.utils.batching.batch_size`, accuracy over the labels ``logits_fn(model, batch)`` gives (NaN
+    without ``logits_fn`` or when it gives None for some batch).
     """
     loss_fn = loss_fn or F.cross_entropy
     losses: list[torch.Tensor] = []

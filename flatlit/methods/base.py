@@ -29,9 +29,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from flatlit.batching import batch_size
-from flatlit.errors import ConfigError, DivergenceError
 from flatlit.models import create_model
+from flatlit.utils.batching import batch_size
+from flatlit.utils.errors import ConfigError, DivergenceError
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -82,7 +82,7 @@ class ClassificationModule(pl.LightningModule):
             ``0.5 * mean over examples of sum over classes of (logit - onehot)**2``. Training, validation, test
             and the curvature callbacks all use this loss (:meth:`loss_fn`).
         stop_on_nonfinite: stop the run at the first non-finite training loss or gradient, before that step is
-            taken: a checkpoint of the last finite state is saved and :class:`~flatlit.errors.DivergenceError`
+            taken: a checkpoint of the last finite state is saved and :class:`~flatlit.utils.errors.DivergenceError`
             names the step, the epoch and the last finite loss (``flatlit fit`` prints it as one line, exit code
             2). ``false`` keeps training (the NaN values are logged).
     """
@@ -154,8 +154,8 @@ class ClassificationModule(pl.LightningModule):
         """The batch-mean loss of ``batch`` and the outputs it came from: the one place every family (each of SAM's,
         LPF-SGD's and SmoothOut's passes), validation and test get a loss. Default: ``x, y = batch`` and
         :meth:`loss_fn` of ``self(x)``. Override it for another task; chunked families split every tensor of a
-        batch along dim 0 (:func:`flatlit.batching.split_batch`) and weight chunks by
-        :func:`flatlit.batching.batch_size`, so the loss must be a mean over the leading dimension's examples."""
+        batch along dim 0 (:func:`flatlit.utils.batching.split_batch`) and weight chunks by
+        :func:`flatlit.utils.batching.batch_size`, so the loss must be a mean over the leading dimension's examples."""
         x, y = batch
         logits = self(x)
         return self.loss_fn(logits, y), logits
@@ -271,7 +271,7 @@ class ClassificationModule(pl.LightningModule):
         The gradient is checked after the DDP all-reduce, so every rank decides alike; the local loss is checked
         too in a single process (under DDP a non-finite loss shows in the reduced gradient). On failure the
         gradients are dropped (the step is a no-op), a checkpoint of the current, last finite, state is written
-        and :class:`~flatlit.errors.DivergenceError` is raised.
+        and :class:`~flatlit.utils.errors.DivergenceError` is raised.
         """
         if not self.hparams.get("stop_on_nonfinite", True):
             return

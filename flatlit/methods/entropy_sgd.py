@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from flatlit.errors import ConfigError
 from flatlit.methods.perturbation import PerturbationModule
+from flatlit.utils.errors import ConfigError
 
 
 class EntropySGD(PerturbationModule):

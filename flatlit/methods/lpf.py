@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flatlit.batching import split_batch
-from flatlit.errors import ConfigError
 from flatlit.methods._perturb import cosine_inc, lpf_noise
 from flatlit.methods.perturbation import PerturbationModule
+from flatlit.utils.batching import split_batch
+from flatlit.utils.errors import ConfigError
 
 
 class LPFSGD(PerturbationModule):

@@ -19,8 +19,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from flatlit.curvature import HessianOperator, lanczos
 from flatlit.curvature.hvp import flatten, unflatten
-from flatlit.errors import ConfigError
 from flatlit.methods.sgd import SGDFamily
+from flatlit.utils.errors import ConfigError
 
 
 class NSGD(SGDFamily):

@@ -31,10 +31,10 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 
-from flatlit.batching import batch_size, cat_outputs
-from flatlit.errors import ConfigError
 from flatlit.methods.base import ClassificationModule
-from flatlit.nn_utils import frozen_bn_stats, is_bn_param
+from flatlit.utils.batching import batch_size, cat_outputs
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.nn import frozen_bn_stats, is_bn_param
 
 
 class PerturbationModule(ClassificationModule):
@@ -179,7 +179,7 @@ class PerturbationModule(ClassificationModule):
         bn_stats_on_noisy_pass: bool,
         clean_loss: bool,
     ) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """One forward/backward per chunk of ``batch`` (:func:`~flatlit.batching.split_batch`) at w + draw(), the
+        """One forward/backward per chunk of ``batch`` (:func:`~flatlit.utils.batching.split_batch`) at w + draw(), the
         weights restored exactly after each pass; every loss comes from :meth:`training_loss`.
 
         Gradients accumulate as Σ_c (|c|/|B|)·scale·∇L_c(w + n_c): the size-weighted mean over chunks. Only the last

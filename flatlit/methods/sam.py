@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from flatlit.errors import ConfigError
 from flatlit.methods._perturb import SAM_ADAPTIVE, global_grad_norm, sam_epsilon, sam_scales
 from flatlit.methods.perturbation import PerturbationModule
-from flatlit.nn_utils import frozen_bn_stats
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.nn import frozen_bn_stats
 
 SAM_SCHEDULES = ("every", "interval", "looksam", "rst", "ae_sam")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flatlit.batching import batch_size, split_batch
-from flatlit.errors import ConfigError
 from flatlit.methods._perturb import SMOOTHOUT_ADAPT, SMOOTHOUT_SCHEDULES, smoothout_noise, smoothout_scale
 from flatlit.methods.perturbation import PerturbationModule
+from flatlit.utils.batching import batch_size, split_batch
+from flatlit.utils.errors import ConfigError
 
 
 class SmoothOut(PerturbationModule):

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlit.errors import ConfigError
 from flatlit.models.noisy_relu import NoisyReLU, relu
 from flatlit.models.registry import register_model
+from flatlit.utils.errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from flatlit.errors import ConfigError
 from flatlit.models.registry import register_model
+from flatlit.utils.errors import ConfigError
 
 POSITIONS = ("sinusoidal", "learned")
 

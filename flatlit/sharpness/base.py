@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatlit.batching import batch_size
-from flatlit.errors import ConfigError
-from flatlit.nn_utils import preserved_rng
 from flatlit.objective import X_KEYS, class_logits
+from flatlit.utils.batching import batch_size
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.nn import preserved_rng
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BatchLossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> batch-mean loss
@@ -107,7 +107,7 @@ class MeasureInputs:
         model: the network (unwrapped, not a DDP wrapper).
         batches: this rank's share of the fixed training sample, on the model's device: ``(x, y)`` batches, or
             batches of any structure (tensors, tuples, dicts) when ``batch_loss`` is given; a batch's size is
-            :func:`flatlit.batching.batch_size` (the leading size of its first tensor).
+            :func:`flatlit.utils.batching.batch_size` (the leading size of its first tensor).
         loss_fn: ``loss_fn(model(x), y)`` returning the batch-mean loss (default cross-entropy); not used when
             ``batch_loss`` is given.
         init_state: the initial weights (``model.state_dict()`` at initialisation) for distance-from-init and
@@ -547,7 +547,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def sample_size(batches: Sequence[Batch]) -> int:
-    """Examples in the sample over all ranks (:func:`flatlit.batching.batch_size` of each batch)."""
+    """Examples in the sample over all ranks (:func:`flatlit.utils.batching.batch_size` of each batch)."""
     n = torch.tensor(float(sum(batch_size(b) for b in batches)), dtype=torch.float64)
     return int(all_reduce_sum(n).item())
 
@@ -562,7 +562,7 @@ def mean_loss(
 ) -> float:
     """Σ_b n_b L_b / Σ_b n_b over the sample (all ranks; this rank's ``batches`` only when ``reduce`` is False),
     no grad: one forward pass. L_b is ``batch_loss(model, batch)`` when given, else ``loss_fn(model(x), y)``
-    (default cross-entropy); n_b = :func:`flatlit.batching.batch_size`."""
+    (default cross-entropy); n_b = :func:`flatlit.utils.batching.batch_size`."""
     dev = next(model.parameters()).device
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
     with torch.no_grad():

@@ -18,7 +18,6 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatlit.batching import batch_size
 from flatlit.curvature import HessianOperator, hutchinson
 from flatlit.curvature.hvp import flatten
 from flatlit.objective import twice_differentiable
@@ -34,6 +33,7 @@ from flatlit.sharpness.base import (
     randn_like,
     register_measure,
 )
+from flatlit.utils.batching import batch_size
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------

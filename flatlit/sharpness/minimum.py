@@ -17,7 +17,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatlit.batching import split_batch
 from flatlit.sharpness.base import (
     Batch,
     Cost,
@@ -29,6 +28,7 @@ from flatlit.sharpness.base import (
     register_measure,
 )
 from flatlit.sharpness.norms import find_layers
+from flatlit.utils.batching import split_batch
 
 
 def gauss_newton_diagonal(
@@ -95,8 +95,8 @@ def gauss_newton_diagonal_of_logits(
     ``logits_fn(model, batch) -> (logits (R, C), labels)`` (e.g. a module's ``outputs_and_targets``; a one-logit
     binary head as (0, z)): every logits row is one example of the average (R may differ from the batch size, e.g.
     the tokens of a sequence batch). Each batch is cut into pieces of ``chunk_size`` examples
-    (:func:`flatlit.batching.split_batch`); for each piece one forward with grad gives the logits, and for each class
-    k the per-row vector–Jacobian products Jᵣᵀ s_rk come from backward passes batched over ``chunk_size`` rows
+    (:func:`flatlit.utils.batching.split_batch`); for each piece one forward with grad gives the logits, and for each
+    class k the per-row vector–Jacobian products Jᵣᵀ s_rk come from backward passes batched over ``chunk_size`` rows
     (``torch.autograd.grad(..., is_grads_batched=True)``), each squared into the sum. Rows must not interact (call in
     eval mode)."""
     params = dict(model.named_parameters())

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from flatlit.batching import batch_size
 from flatlit.sharpness.base import (
     Batch,
     Cost,
@@ -36,6 +35,7 @@ from flatlit.sharpness.base import (
     randn_like,
     register_measure,
 )
+from flatlit.utils.batching import batch_size
 
 NORMS = ("l2", "linf")
 MOMENTUM = 0.75  # APGD's α: x_{k+1} = P(x_k + α(z_{k+1} − x_k) + (1 − α)(x_k − x_{k−1}))

@@ -1,5 +1,6 @@
-"""``flatlit sweep``: hyperparameter sweeps of ``flatlit fit`` runs (see :mod:`flatlit.sweep` and docs/sweeps.md).
+"""The sweep engine behind ``flatlit sweep``: hyperparameter sweeps of ``flatlit fit`` runs (docs/sweeps.md).
 
+- :mod:`flatlit.sweeps.driver`: the driver that plans the trials, runs them through an executor and keeps the books;
 - :mod:`flatlit.sweeps.spec`: the sweep file and its expansion into trials;
 - :mod:`flatlit.sweeps.validate`: checks against the LightningCLI parser before any trial starts;
 - :mod:`flatlit.sweeps.trial`: one trial's commands, files and attempt;

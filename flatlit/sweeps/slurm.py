@@ -25,9 +25,9 @@ import time
 from collections import deque
 from typing import Any
 
-from flatlit.errors import ConfigError
 from flatlit.sweeps.local import cpu_count
 from flatlit.sweeps.trial import TrialPlan, last_error_line, outcome, run_attempt, stop_process
+from flatlit.utils.errors import ConfigError
 
 ALIASES = {  # short names of the sweep file -> submitit's AutoExecutor parameters
     "partition": "slurm_partition",

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 TOP_KEYS = ("name", "config", "output", "grid", "random", "measures", "num_samples", "generalization", "slurm")
 RANDOM_KEYS = ("num_trials", "seed", "space")

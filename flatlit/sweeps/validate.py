@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from flatlit.errors import ConfigError, find_user_error
 from flatlit.sweeps.spec import SweepSpec, Trial, params_key, trial_args
+from flatlit.utils.errors import ConfigError, find_user_error
 
 
 class _Parsed(Exception):
@@ -25,7 +25,7 @@ class _Parsed(Exception):
 
 
 def _parser() -> Any:
-    from flatlit.cli import FlatlitCLI
+    from flatlit.config import FlatlitCLI
 
     class _ParserOnly(FlatlitCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -68,7 +68,7 @@ class ConfigChecker:
 
     def instantiate(self, cfg: Any) -> None:
         """Build the model and DataModule of a parsed config (no Trainer): their constructors' checks."""
-        from flatlit.runs import instantiate_model_and_data
+        from flatlit.runs.load import instantiate_model_and_data
 
         dump = yaml.safe_load(self.parser.dump(cfg, skip_link_targets=False))["fit"]
         try:

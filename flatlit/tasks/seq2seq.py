@@ -18,8 +18,8 @@ placed *before* the family in the bases, gives the task that family::
 
     class MyTaskSAM(MyTask, SAM): ...                # YAML: model.class_path: mypkg.MyTaskSAM, init_args: {rho: ...}
 
-Batches may be tensors or tuples, lists and dicts of tensors; LPF-SGD and SmoothOut split every tensor of a batch
-along dim 0 and weight the chunk losses by their share of the examples (:func:`flatlit.batching.batch_size`), so the
+Batches may be tensors or tuples, lists and dicts of tensors; LPF-SGD and SmoothOut split every tensor of a batch along
+dim 0 and weight the chunk losses by their share of the examples (:func:`flatlit.utils.batching.batch_size`), so the
 loss must be a mean over the batch. ``arch`` may be a registered name (``num_classes``, ``in_channels`` and
 ``image_size`` come from the DataModule) or an ``nn.Module``.
 

@@ -9,7 +9,7 @@ from flatlit.callbacks import HessianEigenvalues, HessianTrace
 from flatlit.curvature import HessianOperator
 from flatlit.data import MNISTDataModule
 from flatlit.methods import SGDFamily
-from flatlit.nn_utils import rank0_buffers
+from flatlit.utils.nn import rank0_buffers
 from tests.helpers import quiet_trainer
 
 
@@ -62,3 +62,5 @@ class BatchedHVP(Callback):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    if torch.distributed.is_initialized():  # a clean exit: no abort at teardown
+        torch.distributed.destroy_process_group()

@@ -35,3 +35,5 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_initialized():  # a clean exit: no abort at teardown
+        torch.distributed.destroy_process_group()

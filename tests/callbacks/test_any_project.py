@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.func import functional_call, hessian
 
 from flatlit.callbacks import HessianEigenvalues, HessianTrace, HistoryCSV
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 from tests.callbacks.projects import (
     DictForward,
     LabelSmoothing,

@@ -22,7 +22,7 @@ from flatlit.callbacks import (
     SharpnessMeasures,
 )
 from flatlit.curvature import hutchinson, slq_density
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 from tests.callbacks.zoo import ZOO, ZooDM
 from tests.helpers import quiet_trainer
 
@@ -99,7 +99,7 @@ def selected(module: nn.Module, kind: str) -> list[str]:
 def exact_hessian(module: nn.Module, kind: str, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, θ): the exact Hessian of the size-weighted mean reference loss over ``batches`` (eval mode) in the
     selected parameters, and those parameters flattened."""
-    from flatlit.batching import batch_size
+    from flatlit.utils.batching import batch_size
 
     names = selected(module, kind)
     wrapper = _Loss(module)
@@ -131,7 +131,7 @@ class eval_mode:
 
 
 def mean_reference_loss(module: nn.Module, batches) -> float:
-    from flatlit.batching import batch_size
+    from flatlit.utils.batching import batch_size
 
     with eval_mode(module), torch.no_grad():
         total = sum(batch_size(b) for b in batches)

@@ -10,8 +10,8 @@ from torch.func import functional_call, hessian
 
 from flatlit.callbacks import HessianEigenvalues, HessianSpectrum, HessianTrace, HistoryCSV
 from flatlit.data import MNISTDataModule
-from flatlit.errors import ConfigError
 from flatlit.methods import SGDFamily
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 
 

@@ -18,8 +18,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from flatlit.callbacks import GeneralizationTargets, HistoryCSV
 from flatlit.data import MNISTDataModule
-from flatlit.errors import ConfigError
 from flatlit.methods import SGDFamily
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer, run_torchrun
 
 STEPS = 3  # training batches per epoch

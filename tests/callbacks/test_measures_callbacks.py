@@ -16,9 +16,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from flatlit.callbacks import ComplexityMeasures, HistoryCSV, InitialWeights, SharpnessMeasures
 from flatlit.data import MNISTDataModule
-from flatlit.errors import ConfigError
 from flatlit.methods import SGDFamily
 from flatlit.sharpness import list_measures
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 from tests.sharpness.common import cheap
 

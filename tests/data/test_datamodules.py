@@ -15,7 +15,7 @@ from flatlit.data import (
 from flatlit.data.loader import InMemoryLoader
 from flatlit.data.mnist import read_idx
 from flatlit.data.transforms import BatchTransform
-from flatlit.errors import ConfigError, DataNotFoundError
+from flatlit.utils.errors import ConfigError, DataNotFoundError
 from tests.fakedata import make_imagenet, make_mnist, make_tiny_imagenet
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flatlit.data.splits import corrupt_labels, split_indices, subset_indices
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 
 def test_split_sizes_disjoint_and_seeded():

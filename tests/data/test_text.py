@@ -14,7 +14,7 @@ from flatlit.data.text import (
     ParallelTextDataModule,
     SyntheticTranslationDataModule,
 )
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 TRAIN = [
     ("the cat sat", "die katze sass"),

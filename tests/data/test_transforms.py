@@ -3,7 +3,7 @@ import torch
 
 from flatlit.data.loader import InMemoryLoader
 from flatlit.data.transforms import BatchTransform, cutout, random_crop, random_hflip, resolve_stats
-from flatlit.errors import ConfigError
+from flatlit.utils.errors import ConfigError
 
 
 def test_random_crop_matches_explicit_crop():

@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from flatlit.callbacks import LossLandscape
 from flatlit.data import MNISTDataModule
-from flatlit.errors import ConfigError
 from flatlit.landscape import LandscapeResult
 from flatlit.methods import SGDFamily
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 
 # conv + BatchNorm + dropout: a callback touching the weights, the BN buffers or the global RNG changes the result

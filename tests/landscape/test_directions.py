@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from flatlit.errors import ConfigError
 from flatlit.landscape import (
     interpolation_direction,
     load_directions,
@@ -17,6 +16,7 @@ from flatlit.landscape import (
     random_directions,
     save_directions,
 )
+from flatlit.utils.errors import ConfigError
 from tests.landscape.common import small_net
 
 

@@ -14,8 +14,8 @@ from torch import nn
 import flatlit.landscape.surface
 from flatlit.cli import main as flatlit_main
 from flatlit.cli import run
+from flatlit.cli.landscape import main
 from flatlit.landscape import LandscapeResult, random_directions, save_directions
-from flatlit.landscape_cli import main
 from tests.fakedata import make_mnist
 from tests.test_cli import error_line, write_config
 

@@ -15,14 +15,14 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from flatlit.batching import batch_size
 from flatlit.callbacks import LossLandscape
-from flatlit.errors import ConfigError
 from flatlit.landscape import compute_surface, evaluate, random_directions
 from flatlit.landscape.evaluation import evaluation_functions
 from flatlit.landscape.plots import line_figure
 from flatlit.landscape.robustness import accuracy_and_loss, weight_noise_robustness
 from flatlit.objective import resolve_objective
+from flatlit.utils.batching import batch_size
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 
 ALPHAS = [-0.5, 0.0, 0.5]

@@ -7,14 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from flatlit.landscape import LandscapeResult
-from flatlit.landscape.plots import (
+from flatlit.figures.landscape import (
     contour_figure,
     line_figure,
     lines_figure,
     plot_landscape_file,
     plot_lines,
 )
+from flatlit.landscape import LandscapeResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

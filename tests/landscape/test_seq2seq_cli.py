@@ -15,8 +15,8 @@ import yaml
 
 from flatlit.cli import main as flatlit_main
 from flatlit.cli import run
+from flatlit.cli.landscape import main as landscape_main
 from flatlit.landscape import LandscapeResult
-from flatlit.landscape_cli import main as landscape_main
 from tests.test_cli import error_line
 
 SAMPLE = ["--num_samples", "24", "--batch_size", "12", "--device", "cpu"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatlit.errors import ConfigError
 from flatlit.landscape import (
     DirectionSet,
     LandscapeResult,
@@ -22,6 +21,7 @@ from flatlit.landscape import (
     random_directions,
     step_decomposition,
 )
+from flatlit.utils.errors import ConfigError
 from tests.landscape.common import (
     Quadratic,
     assert_unchanged,

@@ -52,3 +52,5 @@ def main(data_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    if torch.distributed.is_initialized():  # a clean exit: no abort at teardown
+        torch.distributed.destroy_process_group()

@@ -160,7 +160,7 @@ def test_the_scaler_state_is_in_the_checkpoint(tmp_path):
 def test_16_true_is_refused_with_the_key():
     from types import SimpleNamespace
 
-    from flatlit.errors import ConfigError
+    from flatlit.utils.errors import ConfigError
 
     module = make(SAM, {})
     module._trainer = SimpleNamespace(precision="16-true")

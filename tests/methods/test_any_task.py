@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from flatlit.batching import batch_size, cat_outputs, split_batch
 from flatlit.methods import LPFSGD, SAM, EntropySGD, SGDFamily, SmoothOut
 from flatlit.methods._perturb import lpf_noise, smoothout_noise
+from flatlit.utils.batching import batch_size, cat_outputs, split_batch
 from tests.helpers import quiet_trainer
 
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flatlit.data import MNISTDataModule
-from flatlit.errors import ConfigError
 from flatlit.methods import LPFSGD, SAM, EntropySGD, SmoothOut
 from flatlit.methods._perturb import lpf_noise, smoothout_noise
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 
 ARCH = {"arch": "mlp", "arch_kwargs": {"width": 16, "batch_norm": True}}

@@ -11,9 +11,9 @@ from torch.func import functional_call, hessian
 
 from flatlit.callbacks import HessianEigenvalues
 from flatlit.data import MNISTDataModule
-from flatlit.errors import ConfigError
 from flatlit.methods import SGDFamily
 from flatlit.methods.base import mse_loss
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 
 

@@ -12,7 +12,7 @@ from flatlit.methods._perturb import (
     smoothout_noise,
     smoothout_scale,
 )
-from flatlit.nn_utils import frozen_bn_stats
+from flatlit.utils.nn import frozen_bn_stats
 
 
 def test_sam_epsilon_plain_and_adaptive_closed_forms():

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatlit.errors import ConfigError
 from flatlit.methods import SAM
+from flatlit.utils.errors import ConfigError
 from tests.helpers import quiet_trainer
 from tests.methods.test_any_task import DictRegression, RegressionMixin, loader, net, sgd
 

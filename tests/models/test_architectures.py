@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from flatlit.errors import ConfigError
 from flatlit.models import create_model
 from flatlit.models.noisy_relu import NoisyReLU
 from flatlit.models.shake_shake import shake
+from flatlit.utils.errors import ConfigError
 
 
 def count(model, bn=True):

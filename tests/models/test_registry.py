@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from flatlit.errors import ConfigError
 from flatlit.models import create_model, list_models, register_model
+from flatlit.utils.errors import ConfigError
 
 SMALL_INPUT = {"lenet", "mlp", "simple_batch", "middle_batch", "complex_batch"}
 

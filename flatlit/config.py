@@ -1,14 +1,17 @@
-"""``flatlit fit|validate|test --config exp.yaml``: LightningCLI with flatlit's modules and DataModules.
+"""FlatlitCLI: the LightningCLI of ``flatlit fit|validate|test``, and the checks on the checkpoint it resumes.
 
 Model and data are chosen in subclass mode (``class_path``/``init_args``); the base optimizer and LR scheduler are
 injected callables, so the YAML can name any ``torch.optim``, timm or pytorch-optimizer class. The DataModule's
 ``num_classes``, ``in_channels`` and ``image_size`` are linked into the model. The resolved config is saved next to
 the logs (``config.yaml``) and every run writes ``history.csv``.
 
-``--ckpt_path``: a missing or unreadable file is one clear error. ``fit`` resumes only when the checkpoint was
-trained with the same model, optimizer, scheduler and data settings as the config (keys in
+``--ckpt_path``: a missing or unreadable file is one clear error (:func:`read_checkpoint`). ``fit`` resumes only when
+the checkpoint was trained with the same model, optimizer, scheduler and data settings as the config (keys in
 :data:`RESUME_SAFE_KEYS`, the ``trainer`` section and ``seed_everything`` may change), and continues the checkpoint's
 own run directory (``<save_dir>/<name>/version_N``) unless the logger's ``version`` is set.
+
+A library module: the command (:mod:`flatlit.cli.fit`) and the code that rebuilds a trained run (:mod:`flatlit.runs`)
+both import it.
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from flatlit.allocator import tune_allocator
 from flatlit.callbacks.history import HistoryCSV
 from flatlit.callbacks.measures import InitialWeights
 from flatlit.data.base import FlatlitDataModule
-from flatlit.errors import ConfigError, find_user_error
 from flatlit.methods.base import ClassificationModule
-from flatlit.safe_loading import (
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.safe_loading import (
     TRUST_FLAG,
     UntrustedFileError,
     check_config_classes,
@@ -170,7 +172,7 @@ class _StoreRunConfig(Callback):
 
 def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
     """Load a checkpoint on the CPU with the weights-only unpickler (``trust``: any pickle, see
-    :mod:`flatlit.safe_loading`), or raise ConfigError saying why it cannot be used."""
+    :mod:`flatlit.utils.safe_loading`), or raise ConfigError saying why it cannot be used."""
     if not os.path.isfile(path):
         where = os.path.dirname(os.path.abspath(path))
         hint = f" ({where} holds: {', '.join(_checkpoints_in(where))})" if _checkpoints_in(where) else ""
@@ -350,43 +352,3 @@ def _short_error(parser, message: str, ex: Exception | None = None) -> None:
     kept = [ln for ln in lines if ln and not ln.startswith(_NOISE)]
     sys.stderr.write(f"flatlit: error: {' '.join(kept)}\n(see `flatlit fit --help` for the accepted keys)\n")
     raise SystemExit(2)
-
-
-def run(args: list[str] | None = None) -> FlatlitCLI:
-    """Build and run the CLI; returns it (tests read ``cli.trainer`` and ``cli.model``).
-
-    Bad configuration and missing data end the program with one ``flatlit: error: ...`` line and exit code 2.
-    """
-    try:
-        return FlatlitCLI(args=args)
-    except Exception as exc:
-        err = find_user_error(exc)
-        if err is None:
-            raise
-        sys.stderr.write(f"flatlit: error: {err}\n")
-        raise SystemExit(2) from None
-
-
-SUBCOMMANDS = {  # beyond LightningCLI's fit/validate/test: one module each
-    "measure": "flatlit.measure",
-    "landscape": "flatlit.landscape_cli",
-    "robustness": "flatlit.robustness_cli",
-    "report": "flatlit.report",
-    "analyze": "flatlit.analyze",
-    "sweep": "flatlit.sweep",
-}
-
-
-def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``flatlit fit --config exp.yaml``, ``flatlit measure --ckpt_path ...``; ``args`` lets
-    tests call ``main([...])``."""
-    argv = sys.argv[1:] if args is None else list(args)
-    tune_allocator()  # keep freed CPU memory in the process (flatlit/allocator.py)
-    if argv and argv[0] in SUBCOMMANDS:
-        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-        return
-    run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,6 @@
-"""Figures of ``flatlit report`` (the loss landscapes are drawn by :mod:`flatlit.landscape.plots`).
-
-Pure functions over arrays: each builds a matplotlib :class:`~matplotlib.figure.Figure` (Agg canvas, no pyplot
-state), with one colour per run, labelled axes with units, a legend and a title, and saves it at a fixed size and
-dpi without a timestamp, so the same inputs give the same PNG bytes.
+"""Figures of a run's training: loss and accuracy curves, Hessian eigenvalues with the edge of stability, the
+Hessian trace, the spectral density and the measures logged during training (pure functions over arrays, drawn by
+the report).
 """
 
 from __future__ import annotations
@@ -15,84 +13,20 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-DPI = 120
-#: figure sizes in inches (the PNG is size × DPI pixels)
-WIDE = (9.6, 4.0)
-SINGLE = (7.2, 4.2)
-LEGEND_RIGHT = (9.0, 4.2)  # a single plot with its legend outside, on the right
-#: matplotlib's default cycle (C0, C1, ...), so run i has the same colour here and in flatlit.landscape.plots overlays
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
-STYLE = {
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "legend.fontsize": 9,
-    "legend.title_fontsize": 9,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "figure.titlesize": 12,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.6,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "legend.framealpha": 0.85,
-    "svg.hashsalt": "flatlit",
-}
-#: smallest font size (pt) of any text in a figure; the tests check it
-MIN_FONT_PT = 9.0
-
-
-def color(i: int) -> str:
-    """The colour of the i-th run."""
-    return COLORS[i % len(COLORS)]
-
-
-def new_figure(size: tuple[float, float] = SINGLE, ncols: int = 1) -> tuple[Figure, list]:
-    """A figure with ``ncols`` axes side by side, under flatlit's style (constrained layout)."""
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=size, dpi=DPI, layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
-
-
-def save(fig: Figure, path: str) -> str:
-    """Write ``fig`` as a PNG of exactly figsize × DPI pixels, without metadata that would change between runs."""
-    with matplotlib.rc_context(STYLE):
-        fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
-    return path
-
-
-SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
-
-
-def lam(i: int) -> str:
-    """``λ₁``, ``λ₂``, ... (Unicode subscripts render in every font, unlike ``λ_1``)."""
-    return "λ" + str(i).translate(SUBSCRIPTS)
-
-
-def spans_decades(values: np.ndarray, ratio: float = 30.0) -> bool:
-    """Whether positive finite ``values`` span more than ``ratio`` (then a log axis reads better)."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return v.size > 1 and bool((v > 0).all()) and v.max() / v.min() > ratio
-
-
-def log_axis(ax, axis: str = "y") -> None:
-    """A log axis labelled at 1, 2, 5 × 10ⁿ in plain numbers (readable values, not only powers of ten)."""
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    a = ax.yaxis if axis == "y" else ax.xaxis
-    a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    a.set_minor_formatter(NullFormatter())
-
-
-def _legend(ax, **kwargs) -> None:
-    with matplotlib.rc_context(STYLE):
-        ax.legend(**kwargs)
+from flatlit.figures.style import (
+    DPI,
+    LEGEND_RIGHT,
+    SINGLE,
+    STYLE,
+    WIDE,
+    color,
+    lam,
+    legend,
+    log_axis,
+    new_figure,
+    spans_decades,
+)
 
 
 # ---- training curves --------------------------------------------------------------------------------------------
@@ -132,7 +66,7 @@ def curves_figure(runs: Sequence[Curves], loss_label: str) -> Figure:
             Line2D([], [], color="0.3", ls="-", label="train"),
             Line2D([], [], color="0.3", ls="--", label="validation"),
         ]
-        _legend(ax_a, handles=handles, loc="lower right")
+        legend(ax_a, handles=handles, loc="lower right")
         fig.suptitle("Training and validation curves")
     return fig
 
@@ -246,7 +180,7 @@ def eigen_figure(runs: Sequence[Eigen]) -> Figure:
             ylabel="Hessian eigenvalue λ (loss / weight²)",
             title="Top Hessian eigenvalues during training",
         )
-        _legend(ax, handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        legend(ax, handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return fig
 
 
@@ -280,7 +214,7 @@ def trace_figure(runs: Sequence[Trace]) -> Figure:
             ylabel="Hessian trace tr H (loss / weight²)",
             title="Hessian trace during training (Hutchinson)",
         )
-        _legend(ax, loc="best")
+        legend(ax, loc="best")
     return fig
 
 
@@ -314,7 +248,7 @@ def spectrum_figure(spectra: Sequence[Spectrum], colors: Sequence[str], title: s
         ax.set_yscale("log")
         ax.set_ylim(floor, peak * 5)
         ax.set(xlabel="Hessian eigenvalue λ (loss / weight²)", ylabel="spectral density (per unit λ)", title=title)
-        _legend(ax, loc="upper center")
+        legend(ax, loc="upper center")
     return fig
 
 
@@ -354,133 +288,4 @@ def metrics_figure(panels: dict[str, list[tuple[int, Metric]]], title: str) -> F
         handles = [Line2D([], [], color=color(i), lw=2, marker="o", ms=3, label=lab) for i, lab in sorted(runs.items())]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)))
         fig.suptitle(title)
-    return fig
-
-
-# ---- robustness -------------------------------------------------------------------------------------------------
-@dataclass
-class NoiseCurve:
-    """Accuracy (fraction) under weight noise of one kind for one run, with the clean accuracy."""
-
-    label: str
-    kind: str
-    scale: np.ndarray
-    acc_mean: np.ndarray
-    acc_std: np.ndarray
-    clean_acc: float | None = None
-    run: int = 0
-
-
-def weight_noise_figure(curves: Sequence[NoiseCurve]) -> Figure:
-    """Accuracy vs weight-noise scale (mean ± std over draws), dotted: clean accuracy; log x over decades."""
-    fig, (ax,) = new_figure(SINGLE)
-    styles = ("-", "--", "-.")  # dotted is the clean accuracy
-    kinds = sorted({c.kind for c in curves})
-    runs = sorted({c.run for c in curves})
-    log_x = spans_decades(np.concatenate([c.scale for c in curves]), 10.0)
-    with matplotlib.rc_context(STYLE):
-        handles: list = []
-        seen: set[int] = set()
-        for c in curves:
-            col = color(c.run)
-            ls = styles[kinds.index(c.kind) % len(styles)]
-            shift = (runs.index(c.run) - (len(runs) - 1) / 2) * 0.012  # runs side by side, error bars apart
-            x = c.scale * 10**shift if log_x else c.scale + shift * np.ptp(c.scale if len(c.scale) > 1 else [0, 1])
-            y, err = c.acc_mean * 100, c.acc_std * 100
-            ax.errorbar(x, y, yerr=err, color=col, ls=ls, marker="o", ms=3.5, lw=1.6, capsize=3)
-            if c.clean_acc is not None and c.run not in seen:
-                ax.axhline(c.clean_acc * 100, color=col, ls=":", lw=1.0, alpha=0.8)
-            if c.run not in seen:
-                handles.append(Line2D([], [], color=col, lw=2, label=c.label))
-                seen.add(c.run)
-        if len(kinds) > 1:
-            handles += [
-                Line2D([], [], color="0.3", ls=styles[k % len(styles)], label=f"noise: {kind}")
-                for k, kind in enumerate(kinds)
-            ]
-        if any(c.clean_acc is not None for c in curves):
-            handles.append(Line2D([], [], color="0.3", ls=":", lw=1.0, label="clean accuracy"))
-        if log_x:
-            log_axis(ax, "x")
-        xlabel = {
-            "uniform": "noise scale s: w + s·u, u ~ U(−1, 1) (weight units)",
-            "multiplicative": "relative noise scale s: w·(1 + s·u), u ~ U(−1, 1)",
-        }.get(kinds[0] if len(kinds) == 1 else "", "noise scale s (uniform: weight units; multiplicative: relative)")
-        ax.set(
-            xlabel=xlabel,
-            ylabel="accuracy (%)",
-            title="Accuracy under random weight noise (mean ± std over draws)",
-        )
-        _legend(ax, handles=handles, loc="lower left")
-    return fig
-
-
-@dataclass
-class Attack:
-    """Robust accuracy (fraction) of one run under one attack at several ε."""
-
-    label: str
-    attack: str
-    eps: np.ndarray
-    robust_acc: np.ndarray
-    run: int = 0
-    clean_acc: float | None = None
-
-
-def _eps_label(names: Sequence[str]) -> str:
-    l2 = any("l2" in n.lower() for n in names)
-    return "radius ε (pixel units, [0, 1] images" + ("; L2 for the l2 attacks, else L∞)" if l2 else ", L∞)")
-
-
-def adversarial_figure(attacks: Sequence[Attack]) -> Figure:
-    """Robust accuracy per attack: vs ε when some attack has several ε, else grouped bars (one colour per run)."""
-    fig, (ax,) = new_figure(SINGLE)
-    names = sorted({a.attack for a in attacks})
-    run_labels = {a.run: a.label for a in attacks}
-    with matplotlib.rc_context(STYLE):
-        if any(len(np.unique(a.eps)) > 1 for a in attacks):
-            markers = "osD^v<>p*h"
-            styles = ("-", "--", ":", "-.")
-            for a in attacks:
-                k = names.index(a.attack)
-                o = np.argsort(a.eps)
-                ax.plot(
-                    a.eps[o],
-                    a.robust_acc[o] * 100,
-                    color=color(a.run),
-                    ls=styles[k % 4],
-                    marker=markers[k % 10],
-                    ms=4,
-                    lw=1.6,
-                )
-            handles = [Line2D([], [], color=color(i), lw=2, label=lab) for i, lab in sorted(run_labels.items())]
-            handles += [
-                Line2D([], [], color="0.3", ls=styles[k % 4], marker=markers[k % 10], ms=4, label=n)
-                for k, n in enumerate(names)
-            ]
-            if spans_decades(np.concatenate([a.eps for a in attacks]), 10.0):
-                log_axis(ax, "x")
-            ax.set(xlabel=_eps_label(names), ylabel="robust accuracy (%)")
-            _legend(ax, handles=handles, loc="upper right")
-        else:
-            groups = sorted({(a.attack, float(e)) for a in attacks for e in a.eps})
-            runs = sorted(run_labels)
-            width = 0.8 / max(1, len(runs))
-            for j, run in enumerate(runs):
-                ys = []
-                for g in groups:
-                    v = [
-                        float(r)
-                        for a in attacks
-                        if a.run == run and a.attack == g[0]
-                        for e, r in zip(a.eps, a.robust_acc)
-                        if float(e) == g[1]
-                    ]
-                    ys.append(v[0] * 100 if v else np.nan)
-                x = np.arange(len(groups)) + (j - (len(runs) - 1) / 2) * width
-                ax.bar(x, ys, width=width * 0.95, color=color(run), label=run_labels[run])
-            ax.set_xticks(np.arange(len(groups)), [f"{n}\nε={e:.3g}" for n, e in groups])
-            ax.set(xlabel="attack and " + _eps_label(names), ylabel="robust accuracy (%)")
-            _legend(ax, loc="upper right")
-        ax.set_title("Accuracy under adversarial attacks")
     return fig

@@ -1,6 +1,9 @@
-"""Shared by the commands that analyse a trained run (``flatlit measure``, ``landscape``, ``robustness``, ``report``):
-find a checkpoint's run directory, rebuild its model and DataModule from the saved ``config.yaml``, load the weights
-with a clear error when they do not match, and write result files atomically."""
+"""A trained run rebuilt: its model and DataModule from the saved ``config.yaml``, with the checkpoint's weights.
+
+Find a checkpoint's run directory, rebuild its model and DataModule through :class:`flatlit.config.FlatlitCLI`, load
+the weights with a clear error when they do not match, move batches to a device, and write result files atomically.
+Used by the evaluations of a checkpoint (:mod:`flatlit.runs.measure`, ``landscape``, ``robustness``) and by the
+sweep's config checks."""
 
 from __future__ import annotations
 
@@ -11,13 +14,31 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import yaml
 
-from flatlit.errors import ConfigError
-from flatlit.safe_loading import check_config_classes, load_checkpoint
+from flatlit.utils.errors import ConfigError
+from flatlit.utils.safe_loading import check_config_classes, load_checkpoint
+
+
+@dataclass
+class CheckpointOptions:
+    """What every evaluation of a checkpoint is given (the flags that ``flatlit measure``, ``landscape`` and
+    ``robustness`` share): the checkpoint, its run's config, whether to trust their code, the fixed seeded sample,
+    the results file, the device and whether to ignore cached results."""
+
+    ckpt_path: Any
+    config: str | None = None
+    trust_code: bool = False
+    num_samples: int = 1000
+    batch_size: int = 250
+    seed: int = 0
+    output: str | None = None
+    device: str | None = None
+    recompute: bool = False
 
 
 def run_dir(ckpt_path: str) -> str:
@@ -31,7 +52,7 @@ def instantiate_model_and_data(model: Any, data: Any, seed_everything: Any = 0, 
     links and checks; the Trainer it builds (no logger, checkpoints or progress bar) is not used, so Lightning's
     start-up lines are silenced. ``silent`` also hides every warning and the parser's own stderr (for checking
     many configs, whose errors arrive as exceptions)."""
-    from flatlit.cli import FlatlitCLI
+    from flatlit.config import FlatlitCLI
 
     args = {
         "model": model,
@@ -58,7 +79,7 @@ def instantiate_model_and_data(model: Any, data: Any, seed_everything: Any = 0, 
 
 def build_from_config(config_path: str, device: torch.device | str = "cpu", trust: bool = False):
     """Model and DataModule from a run's config (its trainer section, loggers and callbacks are not used); the
-    classes it names must come from trusted packages unless ``trust`` (:mod:`flatlit.safe_loading`)."""
+    classes it names must come from trusted packages unless ``trust`` (:mod:`flatlit.utils.safe_loading`)."""
     if not os.path.isfile(config_path):
         raise ConfigError(
             f"--config: {config_path!r} does not exist; pass the run's config.yaml (written next to its logs)."
@@ -82,7 +103,7 @@ def load_run(
     """(module with the checkpoint's weights, DataModule, run directory, config path) of a checkpoint of
     ``flatlit fit``; ``arg`` names the command-line argument in errors. Neither the checkpoint nor the config may
     run code unless ``trust`` (``--trust_code``)."""
-    from flatlit.cli import read_checkpoint
+    from flatlit.config import read_checkpoint
 
     try:
         ckpt = read_checkpoint(ckpt_path, trust=trust)
@@ -127,3 +148,24 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True, default=float)
     os.replace(tmp, path)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors, or tuples/lists/dicts of them) with every tensor on ``device``."""
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.to(device))
+
+
+def read_results(path: str, version: int, digest: str) -> dict[str, Any] | None:
+    """The results file at ``path`` when it was written in format ``version`` for the checkpoint whose sha256 is
+    ``digest``; None when it is absent, damaged (it is then recomputed) or written for another checkpoint."""
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("version") == version and data.get("checkpoint", {}).get("sha256") == digest:
+                return data
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+    return None

@@ -1,9 +1,4 @@
-"""``flatlit landscape``: loss and accuracy along lines and planes around a checkpoint, or between two checkpoints.
-
-    flatlit landscape --ckpt_path RUN/checkpoints/last.ckpt --mode line             # 1-D, filter-normalised
-    flatlit landscape --ckpt_path RUN/checkpoints/last.ckpt --mode plane --resolution 21
-    flatlit landscape --ckpt_path A.ckpt --ckpt_path B.ckpt --mode interpolate --alphas -0.5:1.5:41
-    flatlit landscape --ckpt_path RUN/checkpoints/last.ckpt --mode eigen --top_k 3 --alphas -0.5:0.5:41
+"""Loss and accuracy along lines and planes around a checkpoint, or between two (what ``flatlit landscape`` runs).
 
 Modes: ``line``/``plane``: one/two seeded Gaussian filter-normalised directions (Li et al. 2018, arXiv 1712.09913);
 ``interpolate``: θ(α) = (1 − α)θ_A + αθ_B over the whole state_dict, BatchNorm statistics included (SPEC F42);
@@ -24,71 +19,56 @@ Results go to ``RUN/landscapes/<mode>_<checkpoint>_<hash of the arguments>.npz``
 appends ``_e1``, ``_e2``, ...) with the directions beside it (``.directions.pt``) and the figures (``.png``). The
 file is rewritten every ``--save_every`` points: rerunning the same command after a kill continues where it
 stopped. Other arguments give another default file name (the hash), hence a fresh file; an ``--output`` written
-with other arguments is an error naming the first difference (``--recompute`` overwrites it). Bad input is one
-``flatlit: error: ...`` line (exit code 2).
+with other arguments is an error naming the first difference (``--recompute`` overwrites it). The arguments are
+those of the command (:class:`LandscapeOptions`); bad ones raise one :class:`~flatlit.utils.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from flatlit.errors import ConfigError, FlatlitError
-from flatlit.safe_loading import add_trust_argument
+from flatlit.runs.load import CheckpointOptions, load_run, sha256, to_device
+from flatlit.utils.errors import ConfigError
 
 MODES = ("line", "plane", "interpolate", "eigen")
 DEFAULT_RANGE = {"line": (-1.0, 1.0), "plane": (-1.0, 1.0), "eigen": (-1.0, 1.0), "interpolate": (-0.5, 1.5)}
 DEFAULT_RESOLUTION = {"line": 51, "plane": 21, "eigen": 51, "interpolate": 41}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flatlit landscape", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", action="append", default=[], help="the checkpoint (twice for --mode interpolate)")
-    p.add_argument("--mode", choices=MODES, default="line", help="line, plane, interpolate or eigen (default line)")
-    p.add_argument("--config", help="the run's config (default: config.yaml of the first checkpoint's run directory)")
-    add_trust_argument(p)
-    grid = p.add_mutually_exclusive_group()
-    grid.add_argument("--resolution", type=int, help="points per axis over the default range (51 lines, 21 planes)")
-    grid.add_argument("--alphas", help="a:b:n, n points from a to b (default -1:1, interpolate -0.5:1.5)")
-    p.add_argument("--betas", help="a:b:n for the second axis of a plane (default: as alphas)")
-    p.add_argument("--bn", choices=("eval", "interpolate", "update"), default=None, help="BatchNorm policy")
-    p.add_argument("--norm", choices=("filter", "layer", "model", "none"), default="filter", help="direction norm")
-    p.add_argument(
-        "--bias_bn", choices=("ignore", "filter"), default="ignore", help="1-D parameters: zero or normalise"
-    )
-    p.add_argument("--num_samples", type=int, default=1000, help="training examples in the fixed sample")
-    p.add_argument("--batch_size", type=int, default=250, help="batch size of the evaluation passes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the directions and Lanczos")
-    p.add_argument("--directions", help="a saved direction set (.pt) or an eigenvectors_step*.pt file")
-    p.add_argument("--top_k", type=int, default=2, help="eigen mode: number of eigenvectors")
-    p.add_argument("--output", help="results .npz (default RUN/landscapes/<mode>_<ckpt>_<hash>.npz)")
-    p.add_argument("--save_every", type=int, default=10, help="write the results every this many points")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--recompute", action="store_true", help="overwrite a results file written with other arguments")
-    p.add_argument("--no_plot", action="store_true", help="write the .npz only")
-    return p
+@dataclass
+class LandscapeOptions(CheckpointOptions):
+    """What to compute: the flags of ``flatlit landscape`` (:mod:`flatlit.cli.landscape` documents each)."""
+
+    ckpt_path: list[str]
+    mode: str = "line"
+    resolution: int | None = None
+    alphas: str | None = None
+    betas: str | None = None
+    bn: str | None = None
+    norm: str = "filter"
+    bias_bn: str = "ignore"
+    directions: str | None = None
+    top_k: int = 2
+    save_every: int = 10
+    no_plot: bool = False
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``flatlit landscape``; returns ``{"results": [npz...], "figures": [png...]}`` (for tests)."""
-    argv = list(sys.argv[1:] if args is None else args)
-    for i in range(len(argv) - 1):  # "--alphas -1:1:51": argparse would read "-1:1:51" as an option
-        if argv[i] in ("--alphas", "--betas") and argv[i + 1].startswith("-"):
-            argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
-    opts = build_parser().parse_args([a for a in argv if a != ""])
-    try:
-        return run(opts)
-    except FlatlitError as err:
-        sys.stderr.write(f"flatlit: error: {err}\n")
-        raise SystemExit(2) from None
+@dataclass
+class LandscapeOutput:
+    """The results files written (one per direction in eigen mode), their figures and the results themselves."""
+
+    results: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    surfaces: list[Any] = field(default_factory=list)
 
 
 def parse_range(text: str, arg: str) -> np.ndarray:
@@ -117,7 +97,7 @@ def grid(a: float, b: float, n: int) -> np.ndarray:
     return values
 
 
-def _check(opts: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]:
+def _check(opts: LandscapeOptions) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Validate the arguments that need no model; returns (alphas, betas or None, bn policy)."""
     ckpts = opts.ckpt_path
     if not ckpts:
@@ -155,7 +135,7 @@ def _check(opts: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str
     return alphas, betas, bn
 
 
-def _default_output(opts: argparse.Namespace, folder: str, key: dict[str, Any]) -> str:
+def _default_output(opts: LandscapeOptions, folder: str, key: dict[str, Any]) -> str:
     stems = "_".join(os.path.splitext(os.path.basename(c))[0] for c in opts.ckpt_path)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return os.path.join(folder, "landscapes", f"{opts.mode}_{stems}_{digest}.npz")
@@ -196,9 +176,10 @@ class _Progress:
             self.bar.close()
 
 
-def run(opts: argparse.Namespace) -> dict[str, Any]:
+def compute_landscapes(opts: LandscapeOptions) -> LandscapeOutput:
+    """Compute (or continue) the landscape(s) ``opts`` asks for, write them and, unless ``no_plot``, their figures."""
     alphas, betas, bn = _check(opts)
-    from flatlit.cli import read_checkpoint
+    from flatlit.config import read_checkpoint
     from flatlit.landscape import (
         UNKNOWN_NORMALISATION,
         compute_surface,
@@ -211,7 +192,6 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         random_directions,
         save_directions,
     )
-    from flatlit.runs import load_run, sha256
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module, dm, folder, config_path = load_run(
@@ -222,7 +202,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         sample = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
     except ConfigError as err:
         raise ConfigError(f"--{err}") from None
-    batches = [_to_device(b, device) for b in sample]
+    batches = [to_device(b, device) for b in sample]
     if not batches:
         raise ConfigError("--num_samples: the sample is empty.")
     objective, functions = _objective(module, batches[0])
@@ -310,7 +290,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     else:
         labels = _axis_labels(opts.mode, meta["normalisation"], described=bool(opts.directions))
         jobs.append((output, directions, {**meta, "labels": labels}))
-    written, figures = [], []
+    out = LandscapeOutput()
+    written, figures = out.results, out.figures
     for path, dirs, info in jobs:
         progress = _Progress(f"landscape {os.path.basename(path)}")
         try:
@@ -336,19 +317,17 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             progress.close()
         written.append(path)
         if not opts.no_plot:
-            from flatlit.landscape.plots import plot_landscape_file
+            from flatlit.figures.landscape import plot_landscape_file
 
             figures += plot_landscape_file(path, f"{os.path.splitext(path)[0]}.png")
-        _summary(path, result)
+        out.surfaces.append(result)
     if opts.mode == "eigen" and not opts.no_plot and len(written) > 1:
-        from flatlit.landscape.plots import plot_lines
+        from flatlit.figures.landscape import plot_lines
 
         lams = directions.meta.get("eigenvalues") or []
         labels = [f"e{i + 1}" + (f" (λ = {lams[i]:.3g})" if i < len(lams) else "") for i in range(len(written))]
         figures.append(plot_lines(written, labels, f"{os.path.splitext(output)[0]}_eigen.png"))
-    for f in figures:
-        print(f"figure: {f}")
-    return {"results": written, "figures": figures}
+    return out
 
 
 _NORM_WORDS = {
@@ -377,13 +356,6 @@ def _axis_labels(mode: str, normalisation: str | None, described: bool) -> dict[
     return {k: sym for k, (sym, _) in axes.items()}
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (tensors, or tuples/lists/dicts of them) with every tensor on ``device``."""
-    from lightning.fabric.utilities.apply_func import apply_to_collection
-
-    return apply_to_collection(batch, torch.Tensor, lambda t: t.to(device))
-
-
 def _objective(module: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
     """The module's objective (checked on one batch: one line when its loss fails or is not a scalar) and the
     evaluation functions of the landscape (the accuracy, where the module gives class logits)."""
@@ -404,14 +376,3 @@ def _objective(module: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
 def _eigen_path(output: str, i: int) -> str:
     stem, ext = os.path.splitext(output)
     return f"{stem}_e{i + 1}{ext or '.npz'}"
-
-
-def _summary(path: str, result: Any) -> None:
-    loss = result.loss[np.isfinite(result.loss)]
-    if loss.size:
-        print(
-            f"written: {path} ({int(result.done.sum())}/{result.done.size} points, loss {loss.min():.4g} .. "
-            f"{loss.max():.4g})"
-        )
-    else:
-        print(f"written: {path}")

@@ -1,10 +1,6 @@
-"""``flatlit robustness``: weight-noise and adversarial robustness of a checkpoint, cached in ``robustness.json``.
+"""Weight-noise and adversarial robustness of a checkpoint, cached in ``robustness.json`` (``flatlit robustness``).
 
-    flatlit robustness --ckpt_path runs/quickstart/fashion_mnist_sgd/version_0/checkpoints/last.ckpt
-    flatlit robustness --ckpt_path RUN/checkpoints/last.ckpt --noise uniform --scales 0.006 0.01 --draws 10 \\
-        --attacks pgd_linf pgd_l2 --eps 2/255 8/255 --eps_l2 0.25 0.5 --steps 20
-
-The model and data are rebuilt from the run's saved ``config.yaml`` (``--config`` to pass another) and the
+The model and data are rebuilt from the run's saved ``config.yaml`` (``config`` to pass another) and the
 checkpoint's weights are loaded. Everything is measured on one fixed seeded sample of the test split
 (``num_samples``, ``seed``; the evaluation transform): the clean accuracy and loss; for each noise kind and scale,
 the accuracy and loss of ``draws`` networks with noisy weights (mean ± std; SmoothOut's ``evaluate.py --ss``); for
@@ -19,86 +15,51 @@ logits the accuracy counts: on other batches (e.g. a sequence-to-sequence task's
 error (one line), and the default attacks are skipped with one line each.
 
 Results go to ``robustness.json`` beside the checkpoint after every entry, cached by (checkpoint content, entry,
-sample): a second call computes only what is missing, and a call killed half-way keeps what it finished. Bad input
-is one ``flatlit: error: ...`` line (exit code 2).
+sample): a second call computes only what is missing, and a call killed half-way keeps what it finished. The
+arguments are those of the command (:class:`RobustnessOptions`); bad ones raise one
+:class:`~flatlit.utils.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from flatlit.errors import ConfigError, FlatlitError
-from flatlit.runs import load_run, sha256, write_json
-from flatlit.safe_loading import add_trust_argument
+from flatlit.landscape.robustness import ATTACK_NORMS, ATTACKS, DEFAULT_STEPS, NOISE_KINDS
+from flatlit.runs.load import CheckpointOptions, load_run, read_results, sha256, write_json
+from flatlit.utils.errors import ConfigError
 
 FORMAT_VERSION = 1
 DEFAULT_SCALES = ("0.001", "0.003", "0.006", "0.01", "0.03", "0.1")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one ``flatlit: error: ...`` line, like every other bad input."""
+@dataclass
+class RobustnessOptions(CheckpointOptions):
+    """What to compute: the flags of ``flatlit robustness`` (:mod:`flatlit.cli.robustness` documents each).
 
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"flatlit: error: {message}\n")
-        raise SystemExit(2)
+    ``noise``/``attacks`` None: every kind/attack (the attacks skipped where they do not apply); empty: none.
+    """
 
-
-def build_parser() -> argparse.ArgumentParser:
-    from flatlit.landscape.robustness import ATTACKS, DEFAULT_STEPS, NOISE_KINDS
-
-    p = _Parser(prog="flatlit robustness", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", help="the checkpoint to evaluate")
-    p.add_argument("--config", help="the run's config (default: config.yaml of the checkpoint's run directory)")
-    add_trust_argument(p)
-    p.add_argument(
-        "--noise",
-        nargs="*",
-        default=list(NOISE_KINDS),
-        help=f"weight-noise kinds ({', '.join(NOISE_KINDS)}; none: off)",
-    )
-    p.add_argument(
-        "--scales", nargs="+", default=list(DEFAULT_SCALES), help="noise scales s: w + s·u or w·(1 + s·u), u ~ U(-1, 1)"
-    )
-    p.add_argument("--draws", type=int, default=5, help="seeded noise draws per (kind, scale)")
-    p.add_argument(
-        "--attacks",
-        nargs="*",
-        default=None,
-        help=f"attacks ({', '.join(ATTACKS)}; default all, skipped where they do not apply; none: off)",
-    )
-    p.add_argument("--eps", nargs="+", default=["8/255"], help="L∞ radii of fgsm and pgd_linf, in pixels (8/255 ok)")
-    p.add_argument("--eps_l2", nargs="+", default=["0.5"], help="L2 radii of pgd_l2, in pixel units")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="PGD steps (step size 2.5·ε/steps)")
-    p.add_argument("--num_samples", type=int, default=1000, help="test examples in the fixed sample")
-    p.add_argument("--batch_size", type=int, default=250, help="batch size of the evaluation passes and attacks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the weight noise and PGD's random start")
-    p.add_argument("--output", default=None, help="results file (default: robustness.json beside the checkpoint)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--recompute", action="store_true", help="ignore cached results")
-    return p
-
-
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``flatlit robustness``; returns the results written (tests call it directly)."""
-    opts = build_parser().parse_args(args)
-    try:
-        return run(opts)
-    except FlatlitError as err:
-        sys.stderr.write(f"flatlit: error: {err}\n")
-        raise SystemExit(2) from None
+    noise: Sequence[str] | None = None
+    scales: Sequence[str] = DEFAULT_SCALES
+    draws: int = 5
+    attacks: Sequence[str] | None = None
+    eps: Sequence[str] = ("8/255",)
+    eps_l2: Sequence[str] = ("0.5",)
+    steps: int = DEFAULT_STEPS
 
 
 # ---- arguments -------------------------------------------------------------------------------------------------------
-def _numbers(name: str, values: list[str]) -> list[float]:
+def _numbers(name: str, values: Sequence[str]) -> list[float]:
     """Finite numbers >= 0 (fractions such as 8/255 allowed), deduplicated in order."""
     out: list[float] = []
     for text in values:
@@ -113,20 +74,18 @@ def _numbers(name: str, values: list[str]) -> list[float]:
     return out
 
 
-def _choices(name: str, what: str, values: list[str], known: tuple[str, ...]) -> list[str]:
+def _choices(name: str, what: str, values: Sequence[str], known: tuple[str, ...]) -> list[str]:
     for v in values:
         if v not in known:
             raise ConfigError(f"--{name}: unknown {what} {v!r}; choose from {', '.join(known)}.")
     return list(dict.fromkeys(values))
 
 
-def _plan(opts: argparse.Namespace) -> list[dict[str, Any]]:
+def _plan(opts: RobustnessOptions) -> list[dict[str, Any]]:
     """The entries to compute, in order: clean, weight noise per (kind, scale), adversarial per (attack, ε)."""
-    from flatlit.landscape.robustness import ATTACK_NORMS, ATTACKS, NOISE_KINDS
-
     if not opts.ckpt_path:
         raise ConfigError("--ckpt_path: required (the checkpoint to evaluate); see `flatlit robustness --help`.")
-    kinds = _choices("noise", "noise kind", opts.noise, NOISE_KINDS)
+    kinds = _choices("noise", "noise kind", list(NOISE_KINDS) if opts.noise is None else opts.noise, NOISE_KINDS)
     attacks = _choices("attacks", "attack", list(ATTACKS) if opts.attacks is None else opts.attacks, ATTACKS)
     scales, eps, eps_l2 = _numbers("scales", opts.scales), _numbers("eps", opts.eps), _numbers("eps_l2", opts.eps_l2)
     for key in ("draws", "steps", "num_samples", "batch_size"):
@@ -175,18 +134,6 @@ def sample_test_split(dm: Any, num_samples: int, batch_size: int, seed: int) -> 
 
 
 # ---- cache -----------------------------------------------------------------------------------------------------------
-def _load_cache(path: str, digest: str) -> dict[str, Any]:
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("version") == FORMAT_VERSION and data.get("checkpoint", {}).get("sha256") == digest:
-                return dict(data.get("cache") or {})
-        except (OSError, ValueError, AttributeError, TypeError):
-            pass  # a damaged file is recomputed
-    return {}
-
-
 def _describe(item: dict[str, Any]) -> str:
     if item["part"] == "clean":
         return "clean"
@@ -195,7 +142,7 @@ def _describe(item: dict[str, Any]) -> str:
     return f"{item['attack']} eps={item['eps']:.4g}"
 
 
-def _load_inputs(opts: argparse.Namespace) -> dict[str, Any]:
+def _load_inputs(opts: RobustnessOptions) -> dict[str, Any]:
     """The checkpoint's module, the fixed test sample on its device, the DataModule's normalisation, the module's
     loss and logits (checked on one batch) and why the attacks do not apply (None when they do)."""
     from lightning.fabric.utilities.apply_func import apply_to_collection
@@ -226,7 +173,7 @@ def _load_inputs(opts: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _compute(item: dict[str, Any], inputs: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+def _compute(item: dict[str, Any], inputs: dict[str, Any], opts: RobustnessOptions) -> dict[str, Any]:
     from flatlit.landscape import robustness as R
 
     module, batches = inputs["module"], inputs["batches"]
@@ -243,7 +190,7 @@ def _compute(item: dict[str, Any], inputs: dict[str, Any], opts: argparse.Namesp
 
 
 def _without_attacks(
-    plan: list[dict[str, Any]], keys: list[str], opts: argparse.Namespace, reason: str
+    plan: list[dict[str, Any]], keys: list[str], opts: RobustnessOptions, reason: str
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The plan without its adversarial entries, which cannot run (``reason``): asked for with ``--attacks``, one
     error line; part of the default list, one line per skipped attack."""
@@ -258,11 +205,13 @@ def _without_attacks(
     return [item for item, _ in kept], [key for _, key in kept]
 
 
-def run(opts: argparse.Namespace) -> dict[str, Any]:
+def evaluate_robustness(opts: RobustnessOptions) -> tuple[dict[str, Any], str]:
+    """Compute (or read from the cache) the entries ``opts`` asks for; returns the results and the file written."""
     plan = _plan(opts)
     output = opts.output or os.path.join(os.path.dirname(os.path.abspath(opts.ckpt_path)), "robustness.json")
     digest = sha256(opts.ckpt_path) if os.path.isfile(opts.ckpt_path) else None
-    cache = {} if opts.recompute or digest is None else _load_cache(output, digest)
+    data = None if opts.recompute or digest is None else read_results(output, FORMAT_VERSION, digest)
+    cache = dict(data["cache"]) if data and isinstance(data.get("cache"), dict) else {}
     sample = {"split": "test", "num_samples": opts.num_samples, "batch_size": opts.batch_size, "seed": opts.seed}
     keys = [json.dumps({**item, "sample": sample}, sort_keys=True) for item in plan]
     # the model and data are loaded only when something is missing (this also checks the checkpoint and
@@ -299,23 +248,4 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         write_json(output, result)
         bar.update(1)
     bar.close()
-    _print_table(result, output)
-    return result
-
-
-def _print_table(result: dict[str, Any], output: str) -> None:
-    c = result["clean"]
-    print(f"clean: acc {c['acc']:.4f}  loss {c['loss']:.4f}  ({c['num_samples']} test examples)")
-    if result["weight_noise"]:
-        print(f"{'weight noise':15s} {'scale':>8s}  {'acc (mean ± std)':>19s}  {'loss (mean ± std)':>21s}  draws")
-        for r in result["weight_noise"]:
-            print(
-                f"{r['kind']:15s} {r['scale']:8.4g}  {r['acc_mean']:8.4f} ± {r['acc_std']:<8.4f}  "
-                f"{r['loss_mean']:10.4g} ± {r['loss_std']:<8.3g}  {r['draws']}"
-            )
-    if result["adversarial"]:
-        print(f"{'attack':15s} {'eps':>8s}  {'steps':>5s}  {'clean acc':>9s}  {'robust acc':>10s}")
-        for r in result["adversarial"]:
-            steps = "-" if r["steps"] is None else str(r["steps"])
-            print(f"{r['attack']:15s} {r['eps']:8.4g}  {steps:>5s}  {r['clean_acc']:9.4f}  {r['robust_acc']:10.4f}")
-    print(f"written: {output}")
+    return result, output
