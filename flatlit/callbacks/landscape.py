@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
-from flatlit.callbacks.curvature import CurvatureCallback
+from flatlit.callbacks.curvature_base import CurvatureCallback
 from flatlit.landscape import BIAS_BN, LandscapeResult, compute_surface, random_directions
 from flatlit.landscape.evaluation import EvaluationFunctions, evaluation_functions
 from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters

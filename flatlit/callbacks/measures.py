@@ -1,7 +1,7 @@
 """Sharpness and complexity measures during training, and the initial weights they compare against.
 
 Thin Lightning adapters over :mod:`flatlit.sharpness`, with the scheduling, fixed sample, DDP, logging and
-observe-never-perturb guarantees of :class:`~flatlit.callbacks.curvature.CurvatureCallback`. The loss is the
+observe-never-perturb guarantees of :class:`~flatlit.callbacks.curvature_base.CurvatureCallback`. The loss is the
 module's, by the loss contract of :func:`flatlit.objective.resolve_objective` (the callback's ``batch_loss`` or
 ``loss_fn``, else the module's ``curvature_loss``, a flatlit family's ``training_loss``, its ``loss_fn``, or
 cross-entropy where the outputs are class logits); batches may have any structure.
@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from flatlit.callbacks.curvature import CurvatureCallback
+from flatlit.callbacks.curvature_base import CurvatureCallback
 from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure, list_measures
 from flatlit.sharpness.base import inapplicable_reason, observed, set_bn_policy
@@ -109,7 +109,7 @@ class SharpnessMeasures(CurvatureCallback):
         params: the parameters the measures differentiate and perturb (:func:`flatlit.objective.select_parameters`):
             None (every trainable one), a callable ``module -> parameters`` or ``fnmatch`` name pattern(s) such as
             ``"net.0.*"``; ``exclude_bn`` / ``exclude_bias`` then leave BatchNorm parameters / biases out.
-        **kwargs: :class:`~flatlit.callbacks.curvature.CurvatureCallback` arguments (num_samples, batch_size,
+        **kwargs: :class:`~flatlit.callbacks.curvature_base.CurvatureCallback` arguments (num_samples, batch_size,
             every_n_epochs, every_n_steps, at_train_start, loss_fn, batch_loss, exclude_bn, exclude_bias, seed, ...).
 
     Raises:

@@ -1,4 +1,4 @@
-"""Norm-based complexity measures, the margin, path norms and the generalization bounds of Neyshabur et al. 2017.
+"""Norm-based complexity measures: products of layer norms, path norms, parameter norm/count, distance from init.
 
 References:
     * Neyshabur, Bhojanapalli, McAllester, Srebro, "Exploring Generalization in Deep Learning", NeurIPS 2017,
@@ -7,13 +7,11 @@ References:
       (L_{p,q} norms, path norms and their treatment of biases).
     * Jiang, Neyshabur, Mobahi, Krishnan, Bengio, "Fantastic Generalization Measures and Where to Find Them",
       ICLR 2020, arXiv 1912.02178 (margin percentile, ``*_over_margin`` squared variants).
-    * Bartlett & Mendelson 2002 (JMLR 3); Bartlett, Foster, Telgarsky 2017, arXiv 1706.08498; Neyshabur,
-      Bhojanapalli, Srebro 2018, arXiv 1707.09564; Golowich, Rakhlin, Shamir 2018, arXiv 1712.06541 (depth factor).
+    * Bartlett & Mendelson 2002 (JMLR 3); Bartlett, Foster, Telgarsky 2017, arXiv 1706.08498.
 
-The measures see the network's *layers*: its ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` modules, in
-forward order (found with forward hooks on a forward pass of two all-zero inputs of ``inputs.input_shape``; registration
-order when no input shape is known); a module called twice counts once; depth d = number of layers. Layer matrices
-are the weights reshaped to ``(out, -1)`` (the incoming weights of output unit j form row j), computed in float64.
+The measures see the network's Linear/Conv *layers* (:func:`~flatlit.sharpness.operator_norms.find_layers`, with
+their per-layer norms in :mod:`flatlit.sharpness.operator_norms`); the margin is in :mod:`flatlit.sharpness.margins`
+and the generalization bounds in :mod:`flatlit.sharpness.bounds`.
 
 BatchNorm: the norm products, path norms and bounds default to ``bn="fold"``: BatchNorm is folded into the
 preceding layer first (:func:`flatlit.sharpness.base.fold_batchnorm`, Neyshabur's ``reparam``), so the layer
@@ -22,8 +20,7 @@ initial model's BN statistics (:func:`flatlit.sharpness.base.fold_state`, :func:
 With ``bn="eval"`` the BN parameters are simply not part of any layer norm. ``lpf_normalize`` (LPF-SGD's
 ``norm()``) is the other function-preserving reparametrisation (SPEC F35).
 
-Products over layers can overflow: the norm products report ``log`` of the product by default (``log=True``), and
-the bounds are evaluated as exp(Σ log) in float64 (``+inf`` on overflow) with ``log_bound`` in ``extra``.
+Products over layers can overflow: the norm products report ``log`` of the product by default (``log=True``).
 """
 
 from __future__ import annotations
@@ -32,341 +29,35 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatlit.sharpness.base import (
-    Batch,
-    Cost,
-    LogitsFn,
-    MeasureInputs,
-    MeasureNotApplicable,
-    MeasureResult,
-    default_logits,
-    distributed,
-    register_measure,
-    sample_size,
+from flatlit.sharpness.base import Cost, MeasureInputs, MeasureResult, register_measure
+from flatlit.sharpness.margins import (  # noqa: F401 (margin, sample_margins re-exported)
+    _check_percentile,
+    margin,
+    margin_percentile,
+    sample_margins,
+)
+from flatlit.sharpness.operator_norms import (  # noqa: F401 (the layer helpers re-exported)
+    LAYER_TYPES,
+    Layer,
+    OperatorNorm,
+    _layer_spectral_norm,
+    _layers_of,
+    conv_operator_norm,
+    conv_spectral_norm,
+    find_layers,
+    largest_singular_value,
+    lpq_norm,
+    schatten_norm,
+    spectral_norm,
 )
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d), 3: (F.conv3d, F.conv_transpose3d)}
 _DEFAULT_BN_EPS = 1e-5  # BatchNorm eps is not in a state_dict: for an nn.Identity without the FoldedBatchNorm eps
-
-
-# ---- layers ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layer:
-    """A Linear/Conv layer: its module name, the module and the shape of one input example at that layer (or None)."""
-
-    name: str
-    module: nn.Module
-    in_shape: tuple[int, ...] | None = None
-
-    def matrix(self) -> torch.Tensor:
-        """The weight reshaped to (out, -1), float64, detached."""
-        w = self.module.weight.detach().double()
-        return w.reshape(w.shape[0], -1)
-
-
-def find_layers(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[Layer]:
-    """The Linear/Conv layers of ``model`` in forward order, with the input shape of one example at each layer.
-
-    With ``input_shape`` the order and shapes come from forward hooks on one no-grad forward of two all-zero inputs
-    (two so that BatchNorm in train mode accepts them); layers not reached by the forward are left out and a layer
-    called twice counts once. Without it, or when the model's forward does not take such an input (token ids,
-    several inputs): registration order and ``in_shape=None``.
-    """
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
-    if input_shape is None:
-        return [Layer(n, m) for n, m in named]
-    found: dict[int, Layer] = {}
-
-    def hook(name: str) -> Callable:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            if id(module) not in found:
-                found[id(module)] = Layer(name, module, tuple(args[0].shape[1:]))
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in named]
-    p = next(model.parameters())
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=p.dtype, device=p.device))
-    except Exception:  # a model whose forward does not take such inputs (tokens, several inputs)
-        return [Layer(n, m) for n, m in named]
-    finally:
-        for h in handles:
-            h.remove()
-    return list(found.values())
-
-
-def _layers_of(inputs: MeasureInputs, need_shapes: bool = False) -> list[Layer]:
-    convs = any(isinstance(m, LAYER_TYPES[1:]) for m in inputs.model.modules())
-    if need_shapes and convs and inputs.input_shape is None:
-        raise ValueError("this measure needs `input_shape` (the shape of one input) to trace the layers' input sizes")
-    layers = find_layers(inputs.model, inputs.input_shape)
-    if not layers:
-        raise ValueError("the model has no nn.Linear / nn.Conv layers to measure")
-    return layers
-
-
-# ---- per-layer norms ------------------------------------------------------------------------------------------------
-def lpq_norm(w: torch.Tensor, p: float, q: float) -> float:
-    """‖W‖_{p,q} = ‖(‖w_j‖_p)_j‖_q over the rows j of the (out, -1) matrix (Neyshabur et al. 2015)."""
-    w = w.reshape(w.shape[0], -1).double()
-    return float(torch.linalg.vector_norm(torch.linalg.vector_norm(w, ord=p, dim=1), ord=q))
-
-
-def schatten_norm(w: torch.Tensor, p: float) -> float:
-    """The l_p norm of the singular values of the (out, -1) matrix (p = inf: spectral, 1: trace/nuclear)."""
-    w = w.reshape(w.shape[0], -1).double()
-    return float(torch.linalg.vector_norm(torch.linalg.svdvals(w), ord=p))
-
-
-@dataclass(frozen=True)
-class OperatorNorm:
-    """The result of :func:`conv_operator_norm`: ``sigma`` (the estimate of σ_max), ``residual`` (the relative
-    residual ‖AᵀAx − σ²x‖ / σ² of its unit Ritz vector x), ``steps`` (products with AᵀA) and ``converged``
-    (``residual <= tol`` within the step cap)."""
-
-    sigma: float
-    residual: float
-    steps: int
-    converged: bool
-
-
-_KRYLOV_DIM = 64  # Lanczos vectors kept before a restart (memory: this many copies of one input)
-
-
-def conv_operator_norm(
-    conv: nn.Module, in_shape: Sequence[int], iters: int = 1000, tol: float = 1e-7, seed: int = 0
-) -> OperatorNorm:
-    """Operator 2-norm σ_max of the convolution ``x ↦ conv(x)`` (bias excluded) as a linear map on inputs of shape
-    ``in_shape`` = (C, *spatial): the largest eigenvalue of AᵀA by Lanczos in float64, with a checked tolerance.
-
-    A is ``F.conv{n}d`` with the layer's stride/padding/dilation/groups and Aᵀ its adjoint ``F.conv_transpose{n}d``
-    (``output_padding`` chosen to give back the input size); for non-zero padding modes or string paddings Aᵀ is the
-    autograd vector-Jacobian product of A. Lanczos (a Krylov-accelerated power iteration) with full
-    reorthogonalisation, restarted from the top Ritz vector every 64 steps, starts from a standard normal vector from
-    ``torch.Generator().manual_seed(seed)``. It stops when the top Ritz pair (θ, x) has relative residual
-    ‖AᵀAx − θx‖ / θ ≤ ``tol``, which guarantees that √θ lies within a relative ``tol`` of a singular value of A (the
-    largest: Lanczos finds the top of the spectrum first), or when ``iters`` products with AᵀA are spent; then
-    ``converged`` is False. A plain power iteration stalls on random convolutions, whose top singular values lie
-    within 0.1 % of each other (its relative change per step becomes small long before the estimate is accurate);
-    Lanczos reaches 1e-7 in 50-100 steps there. Cost: ``steps`` conv + conv_transpose pairs on one input.
-    """
-    w = conv.weight.detach().double()
-    nd = w.ndim - 2
-    fwd, tr = _CONV[nd]
-    explicit = getattr(conv, "padding_mode", "zeros") == "zeros" and not isinstance(conv.padding, str)
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters!r}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-
-    def apply(v: torch.Tensor) -> torch.Tensor:
-        if explicit:
-            return fwd(v, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return conv._conv_forward(v, w, None)
-
-    def adjoint(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if explicit:
-            out_pad = [
-                i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                for i, o, s, p, d, k in zip(
-                    v.shape[2:], u.shape[2:], conv.stride, conv.padding, conv.dilation, w.shape[2:]
-                )
-            ]
-            return tr(u, w, None, conv.stride, conv.padding, out_pad, conv.groups, conv.dilation)
-        with torch.enable_grad():
-            v = v.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(apply(v), v, u)
-        return g
-
-    shape = (1, *in_shape)
-    n = math.prod(in_shape)
-
-    def gram(v: torch.Tensor) -> torch.Tensor:  # AᵀA v on flat vectors
-        x = v.view(shape)
-        return adjoint(apply(x), x).reshape(-1)
-
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(n, generator=gen, dtype=torch.float64).to(w.device)
-    v = v / v.norm()
-    m = min(n, _KRYLOV_DIM)
-    steps, theta, residual = 0, 0.0, math.inf
-    with torch.no_grad():
-        while True:
-            basis = torch.empty((m, n), dtype=torch.float64, device=w.device)
-            basis[0] = v
-            alphas: list[float] = []
-            betas: list[float] = []
-            for j in range(m):
-                z = gram(basis[j])
-                steps += 1
-                alphas.append(float(z @ basis[j]))
-                for _ in range(2):  # full reorthogonalisation, twice (classical Gram-Schmidt)
-                    z = z - basis[: j + 1].T @ (basis[: j + 1] @ z)
-                beta = float(z.norm())
-                t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-                if betas:
-                    off = torch.tensor(betas, dtype=torch.float64)
-                    t = t + torch.diag(off, 1) + torch.diag(off, -1)
-                ritz, vecs = torch.linalg.eigh(t)
-                theta, top = float(ritz[-1]), vecs[:, -1]
-                # an invariant Krylov subspace (e.g. all of a small input space): its Ritz values are exact
-                breakdown = beta <= 1e-12 * max(abs(a) for a in alphas)
-                residual = beta * abs(float(top[-1])) / theta if theta > 0 else (0.0 if breakdown else math.inf)
-                if residual <= tol or breakdown or steps >= iters or j == m - 1:
-                    break
-                betas.append(beta)
-                basis[j + 1] = z / beta
-            if residual <= tol or breakdown or steps >= iters:
-                break
-            x = basis[: j + 1].T @ top.to(basis.device)  # restart from the top Ritz vector
-            v = x / x.norm()
-    return OperatorNorm(math.sqrt(max(theta, 0.0)), residual, steps, residual <= tol or breakdown)
-
-
-def _warn_unconverged(what: str, est: OperatorNorm, iters: int, tol: float) -> None:
-    import warnings
-
-    warnings.warn(
-        f"the spectral norm of {what} did not converge: relative residual {est.residual:.2e} > tol={tol:g} after "
-        f"power_iters={iters} products with AᵀA (σ = {est.sigma:.6g} is a lower bound); raise power_iters or tol.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def conv_spectral_norm(
-    conv: nn.Module, in_shape: Sequence[int], iters: int = 1000, tol: float = 1e-7, seed: int = 0
-) -> float:
-    """σ_max of the convolution on inputs of shape ``in_shape`` by :func:`conv_operator_norm` (Lanczos on AᵀA to a
-    relative residual ``tol``, at most ``iters`` steps); a RuntimeWarning when the step cap is hit first."""
-    est = conv_operator_norm(conv, in_shape, iters=iters, tol=tol, seed=seed)
-    if not est.converged:
-        _warn_unconverged("a convolution", est, iters, tol)
-    return est.sigma
-
-
-def largest_singular_value(w: torch.Tensor) -> float:
-    """σ_max(W) = √λ_max of the smaller Gram matrix (W Wᵀ or WᵀW) in float64: exact to rounding like
-    ``torch.linalg.matrix_norm(W, 2)`` (the Gram matrix's largest eigenvalue has relative error ~ machine ε), and
-    4-5× faster for a wide layer (128×9216: 4.7 ms against 21.6 ms) because it skips the full SVD."""
-    w = w.double()
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
-
-
-def spectral_norm(layer: Layer, reshaped: bool = False, iters: int = 1000, tol: float = 1e-7, seed: int = 0) -> float:
-    """σ_max of a layer: the operator norm for convolutions (:func:`conv_spectral_norm` at the layer's input size,
-    to a relative tolerance ``tol``, warning when ``iters`` steps do not reach it) unless ``reshaped`` (then, and
-    for Linear layers, the largest singular value of the (out, -1) matrix, exact to rounding)."""
-    return _layer_spectral_norm(layer, reshaped, iters, tol, seed, warn=True).sigma
-
-
-def _layer_spectral_norm(layer: Layer, reshaped: bool, iters: int, tol: float, seed: int, warn: bool) -> OperatorNorm:
-    if reshaped or isinstance(layer.module, nn.Linear):
-        return OperatorNorm(largest_singular_value(layer.matrix()), 0.0, 0, True)
-    if layer.in_shape is None:
-        raise ValueError("the exact convolution spectral norm needs `input_shape`; pass reshaped=True otherwise")
-    est = conv_operator_norm(layer.module, layer.in_shape, iters=iters, tol=tol, seed=seed)
-    if warn and not est.converged:
-        _warn_unconverged(f"layer {layer.name!r}", est, iters, tol)
-    return est
-
-
-# ---- margins --------------------------------------------------------------------------------------------------------
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor over ranks (rank order; sizes may differ). Identity without torch.distributed."""
-    if not distributed():
-        return t
-    n = torch.tensor([t.numel()], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    largest = max(int(s) for s in sizes)
-    padded = torch.zeros(largest, dtype=t.dtype, device=t.device)
-    padded[: t.numel()] = t
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
-
-
-def sample_margins(model: nn.Module, batches: Sequence[Batch], logits_fn: LogitsFn | None = None) -> torch.Tensor:
-    """f_y(x) − max_{j≠y} f_j(x) for every example of the sample, all ranks (float64, rank order): one forward.
-
-    The class logits and labels of a batch are ``logits_fn(model, batch)`` when given (e.g. a module's
-    ``outputs_and_targets``), else ``model(x)`` against ``y``
-    (:func:`~flatlit.sharpness.base.default_logits`); a one-logit binary head counts as the two-class logits (0, z),
-    whose margin is ±z. A batch without class logits is a :class:`~flatlit.sharpness.base.MeasureNotApplicable`."""
-    local = []
-    with torch.no_grad():
-        for batch in batches:
-            pair = logits_fn(model, batch) if logits_fn is not None else default_logits(model, batch)
-            if pair is None:
-                raise MeasureNotApplicable(
-                    "the margin needs class logits and labels; define outputs_and_targets(self, batch) -> "
-                    "(logits, labels) on the module"
-                )
-            out, y = pair[0].double(), pair[1].long()
-            true = out.gather(1, y.view(-1, 1)).squeeze(1)
-            other = out.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
-            local.append(true - other)
-    p = next(model.parameters())
-    t = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64, device=p.device)
-    return _all_gather_cat(t)
-
-
-def _check_percentile(percentile: float) -> float:
-    if not 0 <= float(percentile) <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
-    return float(percentile)
-
-
-def margin_percentile(
-    model: nn.Module, batches: Sequence[Batch], percentile: float = 5.0, logits_fn: LogitsFn | None = None
-) -> float:
-    """The ``percentile``-th percentile (numpy's linear interpolation) of :func:`sample_margins`."""
-    m = sample_margins(model, batches, logits_fn)
-    if m.numel() == 0:
-        raise ValueError("the margin needs a non-empty sample (`batches`)")
-    return float(np.percentile(m.cpu().numpy(), _check_percentile(percentile)))
-
-
-@register_measure("margin", kind="complexity", needs_logits=True, percentile=5.0)
-def margin(inputs: MeasureInputs, *, percentile: float) -> MeasureResult:
-    """Output margin γ: the ``percentile``-th percentile over the sample of f_y(x) − max_{j≠y} f_j(x).
-
-    Jiang et al. 2019 (arXiv 1912.02178, §C.1 uses the 10th percentile) and Neyshabur et al. 2017 (arXiv 1706.08947,
-    5th percentile on the training set; SPEC F36). Default ``percentile=5`` (numpy linear interpolation). Under
-    torch.distributed the margins of all ranks are gathered before the percentile, so every rank agrees.
-    The logits and labels come from ``inputs.logits_fn`` (e.g. a module's ``outputs_and_targets``), by default
-    ``model(x)`` against ``y``; a one-logit binary head is the two-class (0, z), margin ±z. Needs class logits:
-    refused (one line) for a model that gives none, e.g. an autoencoder.
-    ``extra``: mean, min and the fraction of non-positive margins. Cost: one forward pass over the sample.
-    """
-    m = sample_margins(inputs.model, inputs.batches, inputs.logits_of)
-    if m.numel() == 0:
-        raise ValueError("the margin needs a non-empty sample (`batches`)")
-    q = _check_percentile(percentile)
-    arr = m.cpu().numpy()
-    return MeasureResult(
-        "margin",
-        float(np.percentile(arr, q)),
-        None,
-        Cost(forwards=1),
-        {"percentile": q},
-        {"mean": float(arr.mean()), "min": float(arr.min()), "fraction_nonpositive": float((arr <= 0).mean())},
-    )
 
 
 # ---- products of layer norms ----------------------------------------------------------------------------------------
@@ -682,119 +373,6 @@ def param_count(inputs: MeasureInputs) -> MeasureResult:
     count = sum(p.numel() for p in inputs.params)
     extra = {"depth": float(len(layers)), "layer_params": float(layer_param_count(layers))}
     return MeasureResult("param_count", float(count), None, Cost(), {}, extra)
-
-
-# ---- generalization bounds (Neyshabur et al. 2017, "Exploring generalization in deep learning") --------------------
-_BOUND_DOC = """
-
-    Common to the four bounds (Neyshabur et al. 2017, arXiv 1706.08947, §2 and the reference code
-    ``bneyshabur/generalization-bounds``; SPEC §4.1, F40): constants and additive log factors are dropped; γ is the
-    ``percentile``-th percentile (default 5) of the margins f_y − max_{j≠y} f_j over the sample (class logits from
-    ``inputs.logits_fn``, as for ``margin``: the bounds are refused, one line, for a model without them); m is
-    ``inputs.num_train`` (default: the sample size); d is the number of Linear/Conv layers; α = √(d + log(C·H·W)) with
-    C·H·W the input dimension (``input_shape``; Golowich et al. 2018's depth dependency); layer matrices are the
-    (out, -1) reshaped weights. ``bn`` defaults to ``"fold"`` (the reference reparametrises BN into the preceding
-    layer, for the initial weights as well). The value is exp(Σ log terms) in float64 (+inf on overflow, or when
-    γ ≤ 0); ``extra`` has ``log_bound``, ``margin``, ``m``, ``depth`` and the per-layer terms. Cost: one forward
-    pass over the sample (the margin)."""
-
-
-def _bound_context(inputs: MeasureInputs, percentile: float, need_shapes: bool = False) -> dict[str, Any]:
-    if inputs.input_shape is None:
-        raise ValueError("the bounds need `input_shape` (the shape of one input) for the input dimension")
-    layers = _layers_of(inputs, need_shapes=need_shapes)
-    m = inputs.num_train if inputs.num_train is not None else sample_size(inputs.batches)
-    if m < 1:
-        raise ValueError(f"the bounds need a training-set size `num_train` >= 1, got {m}")
-    gamma = margin_percentile(inputs.model, inputs.batches, percentile, inputs.logits_of)
-    d = len(layers)
-    alpha = math.sqrt(d + math.log(math.prod(inputs.input_shape)))
-    return {"layers": layers, "m": m, "gamma": gamma, "d": d, "alpha": alpha}
-
-
-def _bound_result(
-    name: str, ctx: dict[str, Any], log_terms: Sequence[float], settings: dict, extra: dict[str, float]
-) -> MeasureResult:
-    gamma = ctx["gamma"]
-    log_bound = sum(log_terms) - math.log(gamma) if gamma > 0 else float("inf")
-    if math.isnan(log_bound):  # a zero factor times an infinite one
-        log_bound = float("inf")
-    extra = {**extra, "log_bound": log_bound, "margin": gamma, "m": float(ctx["m"]), "depth": float(ctx["d"])}
-    return MeasureResult(name, _exp(log_bound), None, Cost(forwards=1), dict(settings), extra)
-
-
-def _bound_bm(inputs: MeasureInputs, *, percentile: float) -> MeasureResult:
-    """Bartlett & Mendelson 2002 ℓ1,∞ bound: α · Π_l ‖W_l‖_{1,∞} / (γ √m)."""
-    ctx = _bound_context(inputs, _check_percentile(percentile))
-    norms = {layer.name: lpq_norm(layer.matrix(), 1, math.inf) for layer in ctx["layers"]}
-    logs = [math.log(ctx["alpha"]), *(_log(v) for v in norms.values()), -0.5 * math.log(ctx["m"])]
-    return _bound_result("bound_bartlett_mendelson", ctx, logs, {"percentile": percentile}, norms)
-
-
-def _bound_n15(inputs: MeasureInputs, *, norm: str, percentile: float) -> MeasureResult:
-    """Neyshabur et al. 2015 bounds: ``norm="frobenius"`` (default): α · Π_l ‖W_l‖_F / (γ √m);
-    ``norm="l3_1.5"``: α · Π_l ‖W_l‖_{3,1.5} / (γ m^{1/3})."""
-    pq = {"frobenius": (2, 2, 0.5), "l3_1.5": (3, 1.5, 1 / 3)}
-    if norm not in pq:
-        raise ValueError(f"norm must be one of {', '.join(pq)}, got {norm!r}")
-    p, q, root = pq[norm]
-    ctx = _bound_context(inputs, _check_percentile(percentile))
-    norms = {layer.name: lpq_norm(layer.matrix(), p, q) for layer in ctx["layers"]}
-    logs = [math.log(ctx["alpha"]), *(_log(v) for v in norms.values()), -root * math.log(ctx["m"])]
-    return _bound_result("bound_neyshabur2015", ctx, logs, {"norm": norm, "percentile": percentile}, norms)
-
-
-def _spectral_and_distances(inputs: MeasureInputs, ctx: dict[str, Any], settings: dict[str, Any]) -> tuple:
-    layers = ctx["layers"]
-    spec, unconverged = _spectral_norms(inputs, settings)
-    init = init_tensors(inputs.model, inputs.init_state, [f"{layer.name}.weight" for layer in layers])
-    diffs = {layer.name: layer.matrix() - init[f"{layer.name}.weight"].reshape_as(layer.matrix()) for layer in layers}
-    return spec, diffs, unconverged
-
-
-def _bound_b17(inputs: MeasureInputs, **settings: Any) -> MeasureResult:
-    """Bartlett et al. 2017 spectrally-normalised bound (arXiv 1706.08498):
-    log(m)·log(n_param) · Π_l σ_l / γ · (Σ_l (‖W_l − W_l⁰‖_{2,1} / σ_l)^{2/3})^{3/2} / √m, with σ_l the spectral
-    norm, ‖·‖_{2,1} the sum over output units of the L2 norm of their incoming weights and n_param the number of
-    Linear/Conv weights and biases. Needs ``inputs.init_state``. ``reshaped`` (default True, as the reference code)
-    takes σ_l of the reshaped kernel; False the convolution operator norm by Lanczos (``power_iters``, ``tol``,
-    ``seed`` and ``extra["unconverged"]`` as in ``spectral_norm_product``)."""
-    ctx = _bound_context(inputs, _check_percentile(settings["percentile"]), need_shapes=not settings["reshaped"])
-    spec, diffs, unconverged = _spectral_and_distances(inputs, ctx, settings)
-    ratios = {n: lpq_norm(diffs[n], 2, 1) / spec[n] for n in spec}
-    ratio = sum(r ** (2 / 3) for r in ratios.values()) ** 1.5
-    beta = math.log(ctx["m"]) * math.log(layer_param_count(ctx["layers"]))
-    logs = [_log(beta), *(_log(v) for v in spec.values()), _log(ratio), -0.5 * math.log(ctx["m"])]
-    extra = {**{f"spectral/{n}": v for n, v in spec.items()}, **{f"ratio/{n}": v for n, v in ratios.items()}}
-    extra["unconverged"] = float(unconverged)
-    return _bound_result("bound_bartlett2017", ctx, logs, settings, extra)
-
-
-def _bound_n18(inputs: MeasureInputs, **settings: Any) -> MeasureResult:
-    """Neyshabur et al. 2018 PAC-Bayes spectral bound (arXiv 1707.09564):
-    d · Π_l σ_l / γ · √(Σ_l h_l ‖W_l − W_l⁰‖_F² / σ_l²) / √m, with h_l the number of output units of layer l.
-    Needs ``inputs.init_state``. ``reshaped`` (default True, as the reference code), ``power_iters``, ``tol``,
-    ``seed`` and ``extra["unconverged"]``: as in ``bound_bartlett2017``."""
-    ctx = _bound_context(inputs, _check_percentile(settings["percentile"]), need_shapes=not settings["reshaped"])
-    spec, diffs, unconverged = _spectral_and_distances(inputs, ctx, settings)
-    terms = {n: diffs[n].shape[0] * float(diffs[n].pow(2).sum()) / spec[n] ** 2 for n in spec}
-    ratio = math.sqrt(sum(terms.values()))
-    logs = [math.log(ctx["d"]), *(_log(v) for v in spec.values()), _log(ratio), -0.5 * math.log(ctx["m"])]
-    extra = {**{f"spectral/{n}": v for n, v in spec.items()}, **{f"ratio/{n}": v for n, v in terms.items()}}
-    extra["unconverged"] = float(unconverged)
-    return _bound_result("bound_neyshabur2018", ctx, logs, settings, extra)
-
-
-for _name, _fn, _defaults in (
-    ("bound_bartlett_mendelson", _bound_bm, {}),
-    ("bound_neyshabur2015", _bound_n15, {"norm": "frobenius"}),
-    ("bound_bartlett2017", _bound_b17, {**_SPECTRAL_DEFAULTS, "reshaped": True}),
-    ("bound_neyshabur2018", _bound_n18, {**_SPECTRAL_DEFAULTS, "reshaped": True}),
-):
-    _fn.__doc__ = (_fn.__doc__ or "") + _BOUND_DOC
-    register_measure(
-        _name, kind="complexity", needs_logits=True, needs_input_shape=True, **_defaults, percentile=5.0, bn="fold"
-    )(_fn)
 
 
 # ---- LPF-SGD's function-preserving normalisation (SPEC §5.6, F35) ---------------------------------------------------
