@@ -10,7 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +21,8 @@ from flatlit.allocator import tune_allocator
 from flatlit.data import FashionMNISTDataModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+T = TypeVar("T")
 
 tune_allocator()  # as `flatlit` does at start-up: keep freed CPU memory in the process (flatlit/allocator.py)
 
@@ -76,22 +79,64 @@ def quickstart_data(data_dir: str) -> FashionMNISTDataModule:
     return dm
 
 
-def median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call (unless ``warm_up`` is False)."""
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn``."""
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def wall(fn: Callable[[], object]) -> Callable[[], float]:
+    """``fn`` as an :func:`interleave` side that returns its own wall time."""
+    return lambda: timed(fn)
+
+
+def interleave(sides: dict[str, Callable[[], T]], repeats: int, warm_up: bool = True) -> dict[str, list[T]]:
+    """Call every side ``repeats`` times, interleaved, and return each side's results in call order.
+
+    A side is a function returning its measurement (:func:`wall` turns any function into one that returns its wall
+    time). First one untimed call of every side (``warm_up``): imports, the allocator's pools and caches are then
+    warm for every side alike, so no side pays the others' cold start nor rides on their warm-up. Then ``repeats``
+    rounds, each calling every side once, in an order that changes from round to round: rotated by one place per
+    round, and for three sides or more reversed every other round (A B C, A C B, C A B, C B A, B C A, B A C: all
+    orders in turn, and no side twice in a row across a round's boundary; two sides go A B, B A, A B, ...). A change
+    of load on a shared machine reaches all sides alike, and no side always runs first, last or right after the same
+    other side.
+    """
+    names = list(sides)
+    if warm_up:
+        for name in names:
+            sides[name]()
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        for name in reversed(order) if r % 2 and len(names) > 2 else order:
+            results[name].append(sides[name]())
+    return results
+
+
+def spread(values: Sequence[float]) -> float:
+    """Relative spread of repeated measurements: interquartile range / median (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
+def medians(results: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def spreads(results: dict[str, list[float]]) -> dict[str, float]:
+    """:func:`spread` of every side, rounded for printing."""
+    return {name: round(spread(values), 4) for name, values in results.items()}
+
+
+def median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after one untimed warm-up call (unless ``warm_up`` is
+    False). To compare two functions, time them with :func:`interleave` instead."""
+    return statistics.median(interleave({"fn": wall(fn)}, repeats, warm_up)["fn"])
 
 
 def emit(result: dict, as_json: bool) -> None:

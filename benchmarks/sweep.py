@@ -7,11 +7,16 @@ are run three ways, all as ``flatlit`` processes with the sweep's exact trial co
 - ``sweep1_seconds``: ``flatlit sweep --workers 1`` end to end (driver start-up, checks, bookkeeping, results);
 - ``sweep2_seconds``: ``flatlit sweep --workers 2``.
 
+Each way is first run once untimed on a two-trial sweep (the operating system's caches then hold what every way
+loads, so none pays the others' cold start), then the three are interleaved over ``--repeats`` rounds, the order
+alternating (``_common.interleave``), each round in fresh output folders; the figures below are medians.
+
 ``overhead_per_trial_s`` = (sweep1 − hand) / 8: the driver's start-up (imports, LightningCLI checks of the sweep)
 and bookkeeping, spread over the trials. ``parallel_efficiency`` = (sweep1 / sweep2) / min(2, cores) over the trial
 phase of each sweep (first trial start to last trial end, from its Optuna study); ``parallel_efficiency_end_to_end``
 includes the driver's start-up, which no number of workers shortens (with eight trials of a few seconds it caps the
-end-to-end value near 0.9). The machine should be otherwise idle. Prints one JSON line with ``--json``.
+end-to-end value near 0.9). ``spread``: interquartile range / median of each way's repeats. The machine should be
+otherwise idle. ``--quick``: four trials, one round. Prints one JSON line with ``--json``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit
+from _common import emit, interleave, medians, spreads
 
 from flatlit.sweep import Sweep
 from flatlit.sweeps.local import cpu_count
@@ -57,7 +62,7 @@ def write_mnist(root: str, n_train: int = 512, n_test: int = 128) -> None:
             f.write(header + array.tobytes())
 
 
-def write_sweep(folder: str, trials: int, batches: int) -> str:
+def write_sweep(folder: str, trials: int, batches: int, name: str = "sweep") -> str:
     base = {
         "seed_everything": 0,
         "trainer": {
@@ -83,9 +88,9 @@ def write_sweep(folder: str, trials: int, batches: int) -> str:
     }
     with open(os.path.join(folder, "base.yaml"), "w") as f:
         yaml.safe_dump(base, f)
-    with open(os.path.join(folder, "sweep.yaml"), "w") as f:
+    with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
         yaml.safe_dump({"config": "base.yaml", "grid": {"seed_everything": list(range(trials))}}, f)
-    return os.path.join(folder, "sweep.yaml")
+    return os.path.join(folder, f"{name}.yaml")
 
 
 def by_hand(path: str, output: str, threads: int) -> float:
@@ -119,18 +124,42 @@ def run_sweep(path: str, output: str, workers: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=None, help="trials per sweep (default 8; quick: 4)")
     parser.add_argument("--batches", type=int, default=4, help="training batches per trial")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 2; quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="four trials, one timed round")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.trials = args.trials or (4 if args.quick else 8)
+    args.repeats = args.repeats or (1 if args.quick else 2)
     folder = tempfile.mkdtemp(prefix="flatlit-bench-sweep-")
     write_mnist(os.path.join(folder, "mnist"))
     path = write_sweep(folder, args.trials, args.batches)
+    warm_up = write_sweep(folder, 2, args.batches, name="warm-up")
     cores = cpu_count()
-    hand = by_hand(path, os.path.join(folder, "hand"), threads=cores)  # a 1-worker sweep gives a trial every core
-    sweep1, phase1 = run_sweep(path, os.path.join(folder, "sweep1"), 1)
-    sweep2, phase2 = run_sweep(path, os.path.join(folder, "sweep2"), args.workers)
+    runs = {"hand": 0, "sweep1": 0, "sweep2": 0}
+
+    def way(name: str, spec: str):
+        """One run of ``name`` on the sweep ``spec`` in a fresh output folder: (wall time, trial-phase time)."""
+
+        def run() -> tuple[float, float]:
+            runs[name] += 1
+            output = os.path.join(folder, f"{name}-{runs[name]}")
+            if name == "hand":
+                t = by_hand(spec, output, threads=cores)  # a 1-worker sweep gives a trial every core
+                return t, t
+            return run_sweep(spec, output, 1 if name == "sweep1" else args.workers)
+
+        return run
+
+    for name in runs:  # warm-up, untimed
+        way(name, warm_up)()
+    times = interleave({name: way(name, path) for name in runs}, args.repeats, warm_up=False)
+    total = medians({name: [t for t, _ in r] for name, r in times.items()})
+    phase = medians({name: [p for _, p in r] for name, r in times.items()})
+    hand, sweep1, sweep2 = total["hand"], total["sweep1"], total["sweep2"]
+    phase1, phase2 = phase["sweep1"], phase["sweep2"]
     ideal = min(args.workers, cores)
     emit(
         {
@@ -145,6 +174,8 @@ def main() -> None:
             "trials": args.trials,
             "workers": args.workers,
             "cores": cores,
+            "repeats": args.repeats,
+            "spread": spreads({name: [t for t, _ in r] for name, r in times.items()}),
         },
         args.json,
     )
