@@ -84,12 +84,10 @@ def load_checkpoint(path: str, arg: str = "ckpt_path", trust: bool = False) -> A
     Raises :class:`UntrustedFileError` naming ``arg``, the file, the first refused global and :data:`TRUST_FLAG`
     when the file holds more than tensors and plain containers. Other errors (missing, truncated) propagate.
     """
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust)  # full unpickle only when trusted
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
+        if trust or "Weights only load failed" not in str(err):
             raise  # a damaged file, not a refused object
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"it holds {found.group(1)}" if found else "it holds Python objects beyond tensors"
