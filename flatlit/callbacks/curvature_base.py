@@ -57,6 +57,50 @@ BatchLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(hessian|sharpness|complexity)/")
 
 
+def draw_sample(
+    trainer: pl.Trainer,
+    owner: str,
+    num_samples: int,
+    batch_size_: int,
+    seed: int,
+    augment: bool = False,
+    sharded: bool = True,
+) -> list[Any]:
+    """The fixed sample of a measuring callback, as the data gives it (any batch structure): a flatlit DataModule's
+    ``curvature_batches``; otherwise a seeded subset of the training loader's *dataset* read through a separate,
+    unshuffled ``DataLoader`` with the loader's ``collate_fn`` (the training loader, its sampler and generator are
+    never iterated); the first examples of an iterable dataset (through a fresh loader) or of a loader that is not a
+    ``DataLoader``. ``sharded``: this rank's share under DDP; else the whole sample on every rank."""
+    rank, world = (trainer.global_rank, trainer.world_size) if sharded else (0, 1)
+    dm = trainer.datamodule
+    if dm is not None and callable(getattr(dm, "curvature_batches", None)):
+        try:
+            return list(dm.curvature_batches(num_samples, batch_size_, seed, augment, rank, world))
+        except ConfigError as err:
+            raise ConfigError(f"{owner}({err})") from None
+    loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        n = len(loader.dataset)
+        if num_samples > n:
+            raise ConfigError(
+                f"{owner}(num_samples): asked for {num_samples} samples but the training dataset holds {n}."
+            )
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
+        subset = Subset(loader.dataset, idx[rank::world].tolist())
+        return list(DataLoader(subset, batch_size=batch_size_, shuffle=False, collate_fn=loader.collate_fn))
+    if isinstance(loader, DataLoader):  # an iterable dataset: its first examples, through a fresh loader
+        loader = DataLoader(loader.dataset, batch_size=batch_size_, collate_fn=loader.collate_fn)
+    batches, n = [], 0
+    for batch in loader:
+        batches.append(batch)
+        n += batch_size(batch)
+        if n >= num_samples:
+            break
+    if n < num_samples:
+        raise ConfigError(f"{owner}(num_samples): asked for {num_samples} samples but the training data holds {n}.")
+    return batches[rank::world]
+
+
 class CurvatureCallback(Callback):
     """Shared scheduling, sampling, loss resolution, validation and logging of the curvature callbacks.
 
@@ -139,40 +183,9 @@ class CurvatureCallback(Callback):
 
     # ---- sample ------------------------------------------------------------------------------------------------
     def _draw(self, trainer: pl.Trainer, seed: int) -> list[Any]:
-        rank, world = trainer.global_rank, trainer.world_size
-        dm = trainer.datamodule
-        if dm is not None and callable(getattr(dm, "curvature_batches", None)):
-            try:
-                return dm.curvature_batches(self.num_samples, self.batch_size, seed, self.augment, rank, world)
-            except ConfigError as err:
-                raise ConfigError(f"{type(self).__name__}({err})") from None
-        loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
-        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
-            n = len(loader.dataset)
-            if self.num_samples > n:
-                raise ConfigError(
-                    f"{type(self).__name__}(num_samples): asked for {self.num_samples} samples but the training "
-                    f"dataset holds {n}."
-                )
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: self.num_samples].sort().values
-            subset = Subset(loader.dataset, idx[rank::world].tolist())
-            sample = DataLoader(subset, batch_size=self.batch_size, shuffle=False, collate_fn=loader.collate_fn)
-            return list(sample)
-        # an iterable dataset or a custom loader: its first examples, read through a fresh loader where possible
-        if isinstance(loader, DataLoader):
-            loader = DataLoader(loader.dataset, batch_size=self.batch_size, collate_fn=loader.collate_fn)
-        batches, n = [], 0
-        for batch in loader:
-            batches.append(batch)
-            n += batch_size(batch)
-            if n >= self.num_samples:
-                break
-        if n < self.num_samples:
-            raise ConfigError(
-                f"{type(self).__name__}(num_samples): asked for {self.num_samples} samples but the training data "
-                f"holds {n}."
-            )
-        return batches[rank::world]
+        return draw_sample(
+            trainer, type(self).__name__, self.num_samples, self.batch_size, seed, self.augment, sharded=True
+        )
 
     def batches(self, trainer: pl.Trainer) -> list[Any]:
         if self._batches is None or self.resample:

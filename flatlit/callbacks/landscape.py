@@ -12,14 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
-from flatlit.callbacks.curvature_base import CurvatureCallback
+from flatlit.callbacks.curvature_base import CurvatureCallback, draw_sample
 from flatlit.landscape import BIAS_BN, LandscapeResult, compute_surface, random_directions
 from flatlit.landscape.evaluation import EvaluationFunctions, evaluation_functions
 from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
-from flatlit.utils.batching import batch_size as size_of
 from flatlit.utils.errors import ConfigError
 from flatlit.utils.nn import preserved_rng
 
@@ -134,37 +132,8 @@ class LossLandscape(Callback):
 
     # ---- sample ------------------------------------------------------------------------------------------------
     def _draw_sample(self, trainer: pl.Trainer) -> list[Any]:
-        """The fixed sample as the data gives it (any batch structure): flatlit DataModules' ``curvature_batches``;
-        otherwise a seeded subset of the training loader's dataset read through a separate loader with the loader's
-        ``collate_fn`` (the training loader is never iterated); the first examples of an iterable dataset (through a
-        fresh loader) or of a loader that is not a ``DataLoader``."""
-        dm = trainer.datamodule
-        if dm is not None and callable(getattr(dm, "curvature_batches", None)):
-            try:
-                return list(dm.curvature_batches(self.num_samples, self.batch_size, self.seed))
-            except ConfigError as err:
-                raise ConfigError(f"LossLandscape({err})") from None
-        loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
-        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
-            n = len(loader.dataset)
-            if self.num_samples > n:
-                raise ConfigError(
-                    f"LossLandscape(num_samples): asked for {self.num_samples}, the training dataset holds {n}."
-                )
-            gen = torch.Generator().manual_seed(self.seed)
-            idx = torch.randperm(n, generator=gen)[: self.num_samples].sort().values.tolist()
-            return list(DataLoader(Subset(loader.dataset, idx), self.batch_size, collate_fn=loader.collate_fn))
-        if isinstance(loader, DataLoader):  # an iterable dataset: its first examples, through a fresh loader
-            loader = DataLoader(loader.dataset, batch_size=self.batch_size, collate_fn=loader.collate_fn)
-        batches, n = [], 0
-        for batch in loader:
-            batches.append(batch)
-            n += size_of(batch)
-            if n >= self.num_samples:
-                break
-        if n < self.num_samples:
-            raise ConfigError(f"LossLandscape(num_samples): asked for {self.num_samples}, the training data holds {n}.")
-        return batches
+        """The fixed sample as the data gives it, whole on every rank (see :func:`draw_sample`)."""
+        return draw_sample(trainer, "LossLandscape", self.num_samples, self.batch_size, self.seed, sharded=False)
 
     def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         """The whole fixed sample on every rank (the points, not the data, are split across ranks), moved to the
