@@ -10,7 +10,7 @@ from flatlit.curvature import HessianOperator
 from flatlit.data import MNISTDataModule
 from flatlit.methods import SGDFamily
 from flatlit.utils.nn import rank0_buffers
-from tests.helpers import quiet_trainer
+from tests.helpers import end_worker, quiet_trainer
 
 
 def main(data_dir: str, out: str) -> None:
@@ -62,5 +62,4 @@ class BatchedHVP(Callback):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    if torch.distributed.is_initialized():  # a clean exit: no abort at teardown
-        torch.distributed.destroy_process_group()
+    end_worker()

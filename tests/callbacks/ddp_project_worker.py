@@ -8,7 +8,7 @@ import torch
 
 from flatlit.callbacks import HessianEigenvalues, HessianTrace
 from tests.callbacks.projects import Net, ShuffleGeneratorDM
-from tests.helpers import quiet_trainer
+from tests.helpers import end_worker, quiet_trainer
 
 
 def fit(callbacks):
@@ -35,5 +35,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_initialized():  # a clean exit: no abort at teardown
-        torch.distributed.destroy_process_group()
+    end_worker()

@@ -231,4 +231,6 @@ if __name__ == "__main__":  # the DDP worker of test_ddp_sums_are_exact (2 proce
     net = module()
     trainer.fit(net, datamodule=datamodule(data))
     torch.save({"final": cb.final_metrics, "state": net.state_dict()}, f"{out}.{trainer.global_rank}")
-    torch.distributed.destroy_process_group()  # else gloo may abort at exit ("terminate called without an ...")
+    from tests.helpers import end_worker
+
+    end_worker()  # else gloo may abort at exit ("terminate called without an active exception")

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from flatlit.landscape import compute_surface, random_directions
+from tests.helpers import end_worker
 from tests.landscape.common import small_batches, small_net
 
 
@@ -39,3 +40,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_worker()

@@ -6,7 +6,7 @@ import torch
 
 from flatlit.data import MNISTDataModule
 from flatlit.methods import LPFSGD, SAM
-from tests.helpers import quiet_trainer
+from tests.helpers import end_worker, quiet_trainer
 
 
 def main(data_dir: str, out: str) -> None:
@@ -52,5 +52,4 @@ def main(data_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    if torch.distributed.is_initialized():  # a clean exit: no abort at teardown
-        torch.distributed.destroy_process_group()
+    end_worker()

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from flatlit.sharpness import compute_measure, list_measures
+from tests.helpers import end_worker
 from tests.sharpness.common import cheap, inputs_for, problem
 
 
@@ -23,3 +24,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_worker()
