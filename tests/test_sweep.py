@@ -209,6 +209,11 @@ def test_grid_expands_to_exactly_the_expected_trials_and_random_search_is_seeded
         ({"grid": {"model.init_args.arch": ["mlp", "lenett"]}}, "grid.model.init_args.arch: value 'lenett'"),
         ({"grid": {"seed_everything": [0]}, "measures": ["sam_sharpnes"]}, "measures.sam_sharpnes: unknown measure"),
         ({"grid": {"seed_everything": [0]}, "generalization": {"stop_eror": 0.01}}, "generalization:"),
+        ({"grid": {"seed_everything": [0]}, "preset": "jiang2020"}, "unknown preset 'jiang2020'"),
+        (
+            {"grid": {"seed_everything": [0]}, "preset": "jiang2019", "measures": {"fro_dist": {"squared": False}}},
+            "measures.fro_dist.squared: False conflicts with preset jiang2019",
+        ),
         ({"grd": {"seed_everything": [0]}}, "grd: unknown sweep key"),
         ({"grid": {"seed_everything": [0]}, "bad_base": True}, "config: "),
     ],
@@ -240,6 +245,15 @@ def test_dry_run_lists_the_trials_and_the_command(tmp_path, mnist_dir, capsys):
     assert summary["trials"] == 2 and "trial-0001  new" in out and "--seed_everything=0" in out
     assert "GeneralizationTargets" in out and "ModelCheckpoint" in out and "flatlit.cli measure" in out
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_preset_sweep_measures_the_papers_labels_and_records_the_step_counts(tmp_path, mnist_dir, capsys):
+    base = base_config(tmp_path, mnist_dir)
+    path = sweep_file(tmp_path, base, grid={"seed_everything": [0]}, preset="jiang2019", measures=["fro_dist"])
+    main(["--config", path, "--dry_run"])
+    out = capsys.readouterr().out
+    assert "--preset jiang2019 --measures fro_dist" in out
+    assert "loss_milestones" in out and "0.01" in out  # the trial records what the preset reads
 
 
 def test_last_error_line():

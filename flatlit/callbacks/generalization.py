@@ -79,9 +79,17 @@ class GeneralizationTargets(Callback):
         batch_loss: ``batch_loss(module, batch)``, the batch-mean loss of any batch (takes precedence).
         save_final: also save the final state as ``final.ckpt`` (``flatlit sweep`` measures it).
         filename: name of the JSON file written in the run directory.
+        loss_milestones: full-pass training losses (e.g. ``[0.1, 0.01]``) whose first crossing is recorded: the
+            epoch and global step of the first check at which ``full_train/loss`` ≤ the value, logged once as
+            ``optimization/steps_to_loss_<value>`` and written to ``final_metrics.json`` as ``loss_milestones``.
+            These are Jiang et al. 2019's optimization-based measures (arXiv 1912.02178, §C.8: steps to reach
+            cross-entropy 0.1, steps from 0.1 to 0.01), which ``flatlit measure --preset jiang2019`` reads from the
+            run. Resolution: the checks, every ``every_n_epochs`` epochs (default 1 when milestones are set), at
+            epoch ends; Jiang et al. count iterations.
 
     Raises:
-        ConfigError: a threshold outside [0, ∞) / [0, 1], or ``every_n_epochs`` < 1 (at construction); a loss that
+        ConfigError: a threshold outside [0, ∞) / [0, 1], a negative loss milestone, or ``every_n_epochs`` < 1 (at
+            construction); a loss that
             cannot be evaluated on a training batch, or ``stop_error`` without class logits (at setup).
 
     With a flatlit DataModule the batches come from ``datamodule.evaluation_batches``; with another DataModule, the
@@ -106,6 +114,7 @@ class GeneralizationTargets(Callback):
         save_final: bool = False,
         filename: str = "final_metrics.json",
         batch_loss: BatchLossFn | None = None,
+        loss_milestones: list[float] | None = None,
     ) -> None:
         if stop_loss is not None and not stop_loss >= 0:
             raise ConfigError(f"GeneralizationTargets(stop_loss): must be >= 0 or None, got {stop_loss}.")
@@ -115,9 +124,14 @@ class GeneralizationTargets(Callback):
             raise ConfigError(f"GeneralizationTargets(every_n_epochs): must be >= 1 or None, got {every_n_epochs}.")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"GeneralizationTargets(batch_size): must be >= 1 or None, got {batch_size}.")
-        has_rule = stop_loss is not None or stop_error is not None
+        milestones = [float(v) for v in (loss_milestones or [])]
+        if any(not v >= 0 for v in milestones):
+            raise ConfigError(f"GeneralizationTargets(loss_milestones): losses must be >= 0, got {loss_milestones}.")
+        self.loss_milestones = sorted(set(milestones), reverse=True)
+        self.milestones: dict[str, dict[str, int]] = {}  # milestone (as text) -> {"epoch", "step"} first reached
+        checks = stop_loss is not None or stop_error is not None or bool(milestones)
         self.stop_loss, self.stop_error, self.stop, self.test = stop_loss, stop_error, stop, test
-        self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (1 if has_rule else None)
+        self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (1 if checks else None)
         self.batch_size, self.loss_fn, self.save_final, self.filename = batch_size, loss_fn, save_final, filename
         self.batch_loss = batch_loss
         self.converged: dict[str, int] | None = None  # {"epoch", "step"} of the first time the rule held
@@ -218,7 +232,8 @@ class GeneralizationTargets(Callback):
             if self.stop:
                 trainer.should_stop = True  # a run resumed after it converged is finished
             return
-        if self.has_rule and trainer.current_epoch > 0 and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        checks = self.has_rule or bool(self.loss_milestones)
+        if checks and trainer.current_epoch > 0 and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # resumed from a checkpoint written after an epoch's last batch, possibly before that epoch's check (a
             # ModelCheckpoint saving at validation end): Lightning does not rerun the epoch's end, so check here
             self._check(trainer, pl_module, epoch=trainer.current_epoch - 1, log=False)
@@ -243,6 +258,14 @@ class GeneralizationTargets(Callback):
                 on_epoch=True,
                 batch_size=1,
             )
+        reached = {}
+        for value in self.loss_milestones:
+            key = milestone_key(value)
+            if key not in self.milestones and metrics["loss"] <= value:
+                self.milestones[key] = {"epoch": epoch, "step": trainer.global_step}
+                reached[f"optimization/steps_to_loss_{key}"] = float(trainer.global_step)
+        if log and reached:
+            pl_module.log_dict(reached, on_step=False, on_epoch=True, batch_size=1)
         if self.converged is None and self.has_rule and self.rule_met(metrics):
             self.converged = {"epoch": epoch, "step": trainer.global_step}
             trainer.save_checkpoint(self._checkpoint_path(trainer, "converged.ckpt"))  # every rank: a collective
@@ -323,6 +346,10 @@ class GeneralizationTargets(Callback):
             "stop_loss": self.stop_loss,
             "stop_error": self.stop_error,
         }
+        if self.loss_milestones:
+            record["loss_milestones"] = {
+                milestone_key(v): self.milestones.get(milestone_key(v)) for v in self.loss_milestones
+            }
         if log_dir is not None:
             _write_json(os.path.join(log_dir, self.filename), record)
 
@@ -337,11 +364,17 @@ class GeneralizationTargets(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"converged": self.converged}
+        return {"converged": self.converged, "milestones": dict(self.milestones)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.converged = state_dict.get("converged")
+        self.milestones = dict(state_dict.get("milestones") or {})
+
+
+def milestone_key(value: float) -> str:
+    """The text of a loss milestone in logs and ``final_metrics.json`` (``0.1``, ``0.01``: ``repr`` of the float)."""
+    return repr(float(value))
 
 
 @rank_zero_only

@@ -23,6 +23,7 @@ from flatlit.callbacks.curvature_base import CurvatureCallback
 from flatlit.objective import Objective, ParamsSpec, resolve_objective, select_parameters
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure, list_measures
 from flatlit.sharpness.base import inapplicable_reason, observed, set_bn_policy
+from flatlit.sharpness.presets import MeasureEntry, measure_table, preset_measures
 from flatlit.utils.errors import ConfigError
 
 INIT_FILE = "model_init.ckpt"
@@ -66,23 +67,26 @@ def _skip_note(reasons: dict[str, str], module: str) -> str:
     return f"skipping {len(reasons)} measure(s) that do not apply to {module} ({'; '.join(parts)})"
 
 
-def _check_measures(owner: str, measures: list[str] | dict[str, dict[str, Any]] | None, kind: str) -> dict:
-    if measures is None:
-        return {name: {} for name in list_measures(kind)}
-    if isinstance(measures, (list, tuple)):
-        measures = {name: {} for name in measures}
-    for name, settings in measures.items():
-        try:
-            spec = get_measure(name)
-        except ValueError as err:
-            raise ConfigError(f"{owner}(measures): {err}") from None
-        unknown = sorted(set(settings or {}) - set(spec.defaults))
-        if unknown:
+def _check_measures(
+    owner: str, measures: list[str] | dict[str, dict[str, Any]] | None, kind: str, preset: str | None = None
+) -> dict[str, MeasureEntry]:
+    """The callback's measure table, label -> entry: the preset's entries of this ``kind`` (those ``measures``
+    names, if given), else ``measures`` (names or label -> settings), else every registered measure of ``kind``."""
+    if preset is not None:
+        names = list(measures) if measures is not None else None
+        overrides = measures if isinstance(measures, dict) else None
+        entries = preset_measures(preset, names, overrides, f"{owner}(preset)", f"{owner}(measures)")
+        entries = [e for e in entries if not e.is_record and get_measure(e.measure).kind == kind]
+        if not entries:
+            raise ConfigError(f"{owner}(preset): preset {preset!r} has no {kind} measure; use the other callback.")
+    else:
+        entries = measure_table(measures, f"{owner}(measures)", default=list_measures(kind))
+        records = [e.label for e in entries if e.is_record]
+        if records:
             raise ConfigError(
-                f"{owner}(measures): {name}: unknown setting(s) {', '.join(unknown)}; accepted: "
-                f"{', '.join(sorted(spec.defaults))}."
+                f"{owner}(measures): {records[0]} is a record of the training run, read by `flatlit measure`."
             )
-    return {name: dict(settings or {}) for name, settings in measures.items()}
+    return {e.label: e for e in entries}
 
 
 class SharpnessMeasures(CurvatureCallback):
@@ -104,8 +108,14 @@ class SharpnessMeasures(CurvatureCallback):
     name, or skipped with one logged note when ``measures`` is None (all).
 
     Args:
-        measures: names, or a mapping name → settings overriding the measure's defaults (e.g.
-            ``{worst_case_l2: {rho: 0.05}}``); None: every registered measure of this kind that applies.
+        measures: names, or a mapping label → settings overriding the measure's defaults (e.g.
+            ``{worst_case_l2: {rho: 0.05}}``; an entry may name its ``measure``, e.g. ``{sam_05: {measure:
+            sam_sharpness, rho: 0.5}}``); None: every registered measure of this kind that applies. With a
+            ``preset``: the preset's labels to run (None: all) or label → settings it leaves free.
+        preset: a paper's measure set (``jiang2019``, ``andriushchenko2023``, ``lpf2022``; see
+            :mod:`flatlit.sharpness.presets`): its measures of this callback's kind, logged under the paper's names
+            (``<prefix>/<label>``) with the paper's conventions; those that do not apply are skipped with a note.
+            The run records a preset reads (Jiang's step counts) are ``flatlit measure``'s, not logged here.
         params: the parameters the measures differentiate and perturb (:func:`flatlit.objective.select_parameters`):
             None (every trainable one), a callable ``module -> parameters`` or ``fnmatch`` name pattern(s) such as
             ``"net.0.*"``; ``exclude_bn`` / ``exclude_bias`` then leave BatchNorm parameters / biases out.
@@ -133,11 +143,13 @@ class SharpnessMeasures(CurvatureCallback):
         num_samples: int = 1000,
         batch_size: int = 250,
         params: ParamsSpec = None,
+        preset: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, batch_size=batch_size, **kwargs)
-        self.measures = _check_measures(type(self).__name__, measures, self.kind)
-        self.all_measures = measures is None
+        self.measures = _check_measures(type(self).__name__, measures, self.kind, preset)
+        self.all_measures = measures is None or preset is not None  # skip (with a note) what does not apply
+        self.preset = preset
         self.param_spec = params
         self.skipped: dict[str, str] = {}  # measures (of "all") that do not apply to this module: name -> reason
         self.history: dict[str, list] = {"step": [], "epoch": [], "values": []}
@@ -190,7 +202,7 @@ class SharpnessMeasures(CurvatureCallback):
             set_bn_policy(pl_module, "eval")
             objective.check(batch, params)
         inputs = self.inputs(trainer, pl_module, [batch])
-        reasons = {name: inapplicable_reason(name, inputs, **settings) for name, settings in self.measures.items()}
+        reasons = {label: inapplicable_reason(e.measure, inputs, **e.settings) for label, e in self.measures.items()}
         bad = {name: reason for name, reason in reasons.items() if reason is not None}
         if bad and not self.all_measures:
             raise ConfigError(f"{owner}(measures): {next(iter(bad.values()))}")
@@ -213,12 +225,12 @@ class SharpnessMeasures(CurvatureCallback):
         owner = type(self).__name__
         batches = [self.move(b, pl_module) for b in self.batches(trainer)]
         inputs = self.inputs(trainer, pl_module, batches)
-        active = {name: settings for name, settings in self.measures.items() if name not in self.skipped}
+        active = {label: e for label, e in self.measures.items() if label not in self.skipped}
         metrics: dict[str, float] = {}
         values: dict[str, float] = {}
         last_line = start
-        for i, (name, settings) in enumerate(active.items()):
-            result = compute_measure(name, inputs, **settings)
+        for i, (name, e) in enumerate(active.items()):
+            result = compute_measure(e.measure, inputs, **e.settings)
             metrics[f"{self.prefix}/{name}"] = result.value
             values[name] = result.value
             if result.std_error is not None:

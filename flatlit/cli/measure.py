@@ -31,14 +31,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the run's config (default: config.yaml of the checkpoint's run directory)")
     add_trust_argument(p)
     p.add_argument("--measures", nargs="*", default=None, help="measure names (default: all); see --list")
-    p.add_argument("--settings", default=None, help="YAML/JSON mapping measure -> {setting: value}")
-    p.add_argument("--num_samples", type=int, default=1000, help="training examples in the fixed sample")
-    p.add_argument("--batch_size", type=int, default=250, help="batch size of the evaluation passes")
+    p.add_argument(
+        "--settings",
+        default=None,
+        help="YAML/JSON mapping label -> {setting: value}; an entry may name its measure "
+        "('{sam_05: {measure: sam_sharpness, rho: 0.5}}')",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a paper's measure set with its names and conventions (jiang2019, andriushchenko2023, lpf2022; "
+        "--list-presets); --measures then selects among its labels",
+    )
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=None,
+        help="training examples in the fixed sample (default 1000, or the preset's)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="batch size of the evaluation passes (default 250, or the preset's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and of every measure")
     p.add_argument("--output", default=None, help="results file (default: measures.json beside the checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--recompute", action="store_true", help="ignore cached results")
     p.add_argument("--list", action="store_true", help="list the measures with their defaults and exit")
+    p.add_argument("--list-presets", action="store_true", help="print the paper presets' tables and exit")
     p.add_argument(
         "--format",
         choices=("text", "markdown", "yaml"),
@@ -63,9 +85,14 @@ def _run(opts: argparse.Namespace) -> dict[str, Any] | None:
     if opts.list:
         sys.stdout.write(describe(opts.format))
         return None
+    if opts.list_presets:
+        from flatlit.sharpness.presets import describe_presets
+
+        sys.stdout.write(describe_presets())
+        return None
     if not opts.ckpt_path:
         raise ConfigError("--ckpt_path: required (the checkpoint to measure); see `flatlit measure --help`.")
-    options = {k: v for k, v in vars(opts).items() if k not in ("list", "format")}
+    options = {k: v for k, v in vars(opts).items() if k not in ("list", "list_presets", "format")}
     done, skipped, output = measure_checkpoint(MeasureOptions(**options))
     _print_table(done, skipped, output)
     return done
@@ -112,6 +139,10 @@ def describe(fmt: str = "text") -> str:
                 out.append(f"      {name}: {yaml.safe_dump(spec.defaults, default_flow_style=True).strip()}")
             else:
                 out.append(f"{name:28s} {first}\n{'':28s} defaults: {defaults}")
+    if fmt == "markdown":
+        from flatlit.sharpness.presets import describe_presets
+
+        out.append(describe_presets().rstrip("\n"))
     return "\n".join(out) + "\n"
 
 
@@ -127,7 +158,7 @@ def _print_table(done: dict[str, Any], skipped: dict[str, str], output: str) -> 
     vacuous = [n for n, r in done.items() if r["value"] == math.inf and (r.get("extra") or {}).get("margin", 1) <= 0]
     if vacuous:
         r = done[vacuous[0]]
-        pct = r.get("settings", {}).get("percentile", 5.0)
+        pct = r.get("settings", {}).get("percentile", 5.0)  # (a margin_rank q reads as the 100·q-th percentile)
         print(
             f"inf: {', '.join(vacuous)} divide by the {pct:g}th-percentile margin γ = {r['extra']['margin']:.3g} ≤ 0 "
             f"(more than {pct:g}% of the sample is misclassified), so they are vacuous; measure a model that fits "

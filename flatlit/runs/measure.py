@@ -28,6 +28,7 @@ from flatlit.runs.load import (
     to_device,
     write_json,
 )
+from flatlit.sharpness.presets import MeasureEntry, measure_table, preset_measures
 from flatlit.utils.batching import batch_size as batch_len
 from flatlit.utils.errors import ConfigError
 
@@ -39,11 +40,16 @@ class MeasureOptions(CheckpointOptions):
     """What to compute: the flags of ``flatlit measure`` (:mod:`flatlit.cli.measure` documents each).
 
     ``measures`` None or empty: every registered measure (those that do not apply are skipped); ``settings``: the
-    YAML/JSON text of a mapping measure -> {setting: value}.
+    YAML/JSON text of a mapping label -> {setting: value} (an entry may name its ``measure``, so one measure can
+    run under several labels and settings); ``preset``: a paper's measure set (:mod:`flatlit.sharpness.presets`),
+    whose labels ``measures`` may select and whose free settings ``settings`` may change.
     """
 
+    num_samples: int | None = None  # None: the preset's sample, else 1000
+    batch_size: int | None = None  # None: the preset's, else 250
     measures: list[str] | None = None
     settings: str | None = None
+    preset: str | None = None
 
 
 def parse_settings(text: str | None) -> dict[str, dict[str, Any]]:
@@ -61,22 +67,24 @@ def parse_settings(text: str | None) -> dict[str, dict[str, Any]]:
     return value
 
 
-def _resolve_measures(names: list[str] | None, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    from flatlit.sharpness import get_measure, list_measures
+def resolve_table(opts: MeasureOptions) -> list[MeasureEntry]:
+    """The measure table ``opts`` asks for: the preset's (``--preset``), else ``--measures`` (default: every
+    registered measure) with ``--settings`` (labels it adds with a ``measure`` key are run too)."""
+    from flatlit.sharpness import list_measures
 
-    names = list_measures() if not names else names
-    for name in [*names, *settings]:
-        try:
-            spec = get_measure(name)
-        except ValueError as err:
-            raise ConfigError(f"--measures: {err}") from None
-        unknown = sorted(set(settings.get(name, {})) - set(spec.defaults))
-        if unknown:
-            raise ConfigError(
-                f"--settings.{name}: unknown setting(s) {', '.join(unknown)}; "
-                f"accepted: {', '.join(sorted(spec.defaults))}."
-            )
-    return {name: {**get_measure(name).defaults, **settings.get(name, {})} for name in names}
+    settings = parse_settings(opts.settings)
+    if opts.preset:
+        return preset_measures(opts.preset, opts.measures, settings)
+    names = list(opts.measures) if opts.measures else list_measures()
+    out = []
+    for name in names:  # a name with --settings is checked as a setting, a bare one as a measure
+        owner = "--settings" if settings.get(name) else "--measures"
+        out += measure_table({name: settings.get(name, {})}, owner)
+    for label, value in settings.items():  # validated; run when they add a label naming its measure
+        if label not in names:
+            entry = measure_table({label: value}, "--settings")
+            out += entry if isinstance(value, dict) and "measure" in value else []
+    return out
 
 
 def measure_checkpoint(opts: MeasureOptions) -> tuple[dict[str, Any], dict[str, str], str]:
@@ -88,16 +96,31 @@ def measure_checkpoint(opts: MeasureOptions) -> tuple[dict[str, Any], dict[str, 
     Raises:
         ConfigError: a bad argument, checkpoint or config, or a measure that was asked for and does not apply.
     """
+    from flatlit.sharpness.presets import get_preset
+
+    preset = get_preset(opts.preset) if opts.preset else None
+    defaults = {"num_samples": 1000, "batch_size": 250, **(preset.sample if preset else {})}
     for key in ("num_samples", "batch_size"):
+        if getattr(opts, key) is None:
+            setattr(opts, key, defaults[key])
         if getattr(opts, key) < 1:
             raise ConfigError(f"--{key}: must be >= 1, got {getattr(opts, key)}.")
     from flatlit.objective import resolve_objective
     from flatlit.sharpness import MeasureInputs, compute_measure
     from flatlit.sharpness.base import inapplicable_reason, observed, set_bn_policy
+    from flatlit.sharpness.records import read_record
 
-    measures = _resolve_measures(opts.measures, parse_settings(opts.settings))
+    table = resolve_table(opts)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module, dm, run_dir, _ = load_run(opts.ckpt_path, opts.config, device, trust=opts.trust_code)
+    records = [e for e in table if e.is_record]
+    final = _run_records(opts.ckpt_path) if records else {}
+    for e in records:  # before any measure runs: the run must have recorded what the table reads
+        try:
+            read_record(e.measure, e.settings, final)
+        except ValueError as err:
+            where = f"--preset {opts.preset}: {e.label}" if opts.preset else f"--measures: {e.label}"
+            raise ConfigError(f"{where} {err}.") from None
     dm.setup("fit")
     try:
         train = dm.curvature_batches(opts.num_samples, opts.batch_size, opts.seed)
@@ -105,7 +128,7 @@ def measure_checkpoint(opts: MeasureOptions) -> tuple[dict[str, Any], dict[str, 
         raise ConfigError(f"--{err}") from None
     batches = [to_device(b, device) for b in train]
     test_batches = None
-    if any(s.get("split") == "test" for s in measures.values()):
+    if any(e.settings.get("split") == "test" for e in table):
         dm.setup("test")
         test_batches, n = [], 0
         for batch in dm.test_dataloader():
@@ -132,46 +155,72 @@ def measure_checkpoint(opts: MeasureOptions) -> tuple[dict[str, Any], dict[str, 
         logits_fn=objective.logits_of,
     )
     skipped: dict[str, str] = {}
-    for name, settings in measures.items():
-        reason = inapplicable_reason(name, inputs, **settings)
-        if reason is not None and opts.measures:
+    for e in table:
+        reason = None if e.is_record else inapplicable_reason(e.measure, inputs, **e.settings)
+        if reason is not None and opts.measures and not preset:
             raise ConfigError(f"--measures: {reason}")
         if reason is not None:
-            skipped[name] = reason.replace(f"measure {name!r} ", "", 1)
-    measures = {name: settings for name, settings in measures.items() if name not in skipped}
+            skipped[e.label] = reason.replace(f"measure {e.measure!r} ", "", 1)
+    table = [e for e in table if e.label not in skipped]
 
     output = opts.output or os.path.join(os.path.dirname(os.path.abspath(opts.ckpt_path)), "measures.json")
     digest = sha256(opts.ckpt_path)
     cache = None if opts.recompute else read_results(output, CACHE_VERSION, digest)
     cache = cache or {"version": CACHE_VERSION, "results": {}}
     cache["checkpoint"] = {"path": os.path.abspath(opts.ckpt_path), "sha256": digest}
+    if preset:
+        cache.setdefault("presets", {})[preset.name] = preset.paper
     sample = {"num_samples": opts.num_samples, "batch_size": opts.batch_size, "seed": opts.seed}
     done: dict[str, Any] = {}
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()  # a bar on a terminal, a line per measure in a log file
-    bar = tqdm(measures.items(), desc="measures", unit="measure", file=sys.stderr, disable=not tty)
-    for i, (name, settings) in enumerate(bar):
-        key = json.dumps({"measure": name, "settings": settings, "sample": sample}, sort_keys=True, default=str)
-        if key in cache["results"]:
-            done[name] = cache["results"][key]
+    bar = tqdm(table, desc="measures", unit="measure", file=sys.stderr, disable=not tty)
+    for i, e in enumerate(bar):
+        what = {"measure": e.measure, "settings": e.settings, "sample": sample}
+        if e.label != e.measure:
+            what["label"] = e.label
+        if preset:
+            what["preset"] = preset.name
+        key = json.dumps(what, sort_keys=True, default=str)
+        if key in cache["results"] and not e.is_record:
+            done[e.label] = cache["results"][key]
             continue
-        bar.set_description(f"measures ({name})")
+        bar.set_description(f"measures ({e.label})")
         start = time.perf_counter()
         try:
-            result = compute_measure(name, inputs, **settings)
+            if e.is_record:
+                value, extra = read_record(e.measure, e.settings, final)
+                result = {"name": e.measure, "value": value, "std_error": None, "cost": {}, "settings": e.settings}
+                result["extra"] = extra
+            else:
+                result = compute_measure(e.measure, inputs, **e.settings).as_dict()
         except ValueError as err:
             if "init_state" in str(err) and init_state is None:
-                skipped[name] = f"no initial weights ({init_path} is missing)"
+                skipped[e.label] = f"no initial weights ({init_path} is missing)"
                 continue
-            raise ConfigError(f"--settings.{name}: {err}") from None
-        entry = {**result.as_dict(), "seconds": time.perf_counter() - start, "sample": sample}
+            raise ConfigError(f"--settings.{e.label}: {err}") from None
+        entry = {**result, "seconds": time.perf_counter() - start, "sample": sample}
+        entry.update({k: what[k] for k in ("label", "preset") if k in what})
         if not tty:
             sys.stderr.write(
-                f"measure {i + 1}/{len(measures)}: {name} = {result.value:.5g} ({entry['seconds']:.1f} s)\n"
+                f"measure {i + 1}/{len(table)}: {e.label} = {entry['value']:.5g} ({entry['seconds']:.1f} s)\n"
             )
-        cache["results"][key] = done[name] = entry
+        cache["results"][key] = done[e.label] = entry
         write_json(output, cache)
     bar.close()
     write_json(output, cache)
     return done, skipped, output
+
+
+def _run_records(ckpt_path: str) -> dict[str, Any]:
+    """The run's ``final_metrics.json`` (GeneralizationTargets' records), {} when it has none."""
+    from flatlit.runs.load import run_dir as run_dir_of
+
+    path = os.path.join(run_dir_of(ckpt_path), "final_metrics.json")
+    try:
+        with open(path) as f:
+            value = json.load(f)  # data only: never executes code
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -10,12 +10,15 @@ from flatlit.sharpness import (  # noqa: F401
     average,
     bounds,
     entropy,
+    gradient_noise,
     hessian,
     keskar,
     margins,
     minimum,
     norms,
     pac_bayes,
+    spectral_sums,
+    spectrum,
     worst_case,
 )
 from flatlit.sharpness.base import (

@@ -23,6 +23,12 @@ Cost is counted in *passes over the sample*: ``forwards`` (no-grad forward passe
 backward), ``hvps`` (Hessian-vector products) and ``per_example`` (a gradient per example, by ``vmap``);
 ``benchmarks/measures.py`` compares a measure's wall time with these counts times the measured cost of one such
 pass.
+
+Every measure also takes three *universal* settings, handled here by :func:`compute_measure` and recorded in the
+result's settings: ``bn`` (how BatchNorm runs: ``eval``, ``train`` or ``fold``), ``reparametrize`` (None, or
+``"lpf_norm"``: the measure runs on LPF-SGD's function-preserving unit-filter copy,
+:func:`~flatlit.sharpness.norms.lpf_normalize`) and ``scale`` (``"none"``, or Jiang et al.'s adjustment for the
+dataset size m: ``"sqrt_m"`` → √(v/m), ``"half_log_m"`` → ½(v − log m)).
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from flatlit.sharpness.evaluation import (  # noqa: F401 (re-exported: the measu
     sample_size,
     set_bn_policy,
 )
+from flatlit.sharpness.universal import lpf_inputs as _lpf_inputs
+from flatlit.sharpness.universal import scaled as _scaled
 from flatlit.utils.errors import ConfigError
 
 LogitsFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, torch.Tensor] | None"]  # (model, batch) -> (logits, labels)
@@ -128,7 +136,8 @@ class MeasureInputs:
         init_state: the initial weights (``model.state_dict()`` at initialisation) for distance-from-init and
             PAC-Bayes; None when unknown.
         test_batches: a fixed test sample where a measure needs one (same structure as ``batches``).
-        num_train: the size N of the whole training set (PAC-Bayes' log(2N/δ)); default: the sample size.
+        num_train: the size N of the whole training set (PAC-Bayes' log(2N/δ), the m of the ``scale`` setting);
+            default: the sample size.
         input_shape: the shape of one input, for measures that feed synthetic inputs (path norms, the bounds' input
             dimension, layer tracing); default: from the first batch when its inputs can be told (the first item
             of a tuple/list batch, a dict's ``x``/``input``/``image``... entry, or the batch itself when it is a
@@ -142,7 +151,8 @@ class MeasureInputs:
         params: the parameters the measures differentiate, perturb and sum over (a subset of ``model``'s
             parameters, e.g. from :func:`flatlit.objective.select_parameters`); default: every parameter that
             requires grad. Kept in the model's parameter order; with ``bn="fold"`` they are mapped onto the
-            folded copy by name (BatchNorm parameters folded away drop out).
+            folded copy by name (BatchNorm parameters folded away drop out), with ``reparametrize="lpf_norm"``
+            onto the normalised copy (``0.weight`` → ``0.0.weight``).
     """
 
     model: nn.Module
@@ -250,6 +260,14 @@ def default_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
 
 
 # ---- registry -----------------------------------------------------------------------------------------------------
+REPARAMETRIZATIONS = (None, "lpf_norm")
+"""Values of the universal ``reparametrize`` setting (see :func:`compute_measure`)."""
+SCALES = ("none", "sqrt_m", "half_log_m")
+"""Values of the universal ``scale`` setting (see :func:`compute_measure`)."""
+UNIVERSAL_SETTINGS = {"bn": "eval", "reparametrize": None, "scale": "none"}
+"""The settings every measure takes, handled by :func:`compute_measure` (not passed to the measure's function), with
+their defaults; a measure may register another default for them (the norm measures: ``bn="fold"``)."""
+
 Requirement = bool | str | Callable[[dict[str, Any]], "bool | str"]
 
 
@@ -298,7 +316,8 @@ def register_measure(
         if name in _MEASURES:
             raise ValueError(f"measure {name!r} is already registered")
         doc = inspect.cleandoc(fn.__doc__ or "")
-        _MEASURES[name] = MeasureSpec(name, fn, kind, {"bn": "eval", **defaults}, doc, needs_logits, needs_input_shape)
+        merged = {**UNIVERSAL_SETTINGS, **defaults}
+        _MEASURES[name] = MeasureSpec(name, fn, kind, merged, doc, needs_logits, needs_input_shape)
         return fn
 
     return wrap
@@ -327,7 +346,12 @@ def _merged(name: str, settings: dict[str, Any]) -> tuple[MeasureSpec, dict[str,
         raise ValueError(
             f"measure {name!r}: unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(sorted(spec.defaults))}."
         )
-    return spec, {**spec.defaults, **settings}
+    merged = {**spec.defaults, **settings}
+    for key, allowed in (("reparametrize", REPARAMETRIZATIONS), ("scale", SCALES)):
+        if merged[key] not in allowed:
+            shown = ", ".join(repr(a) for a in allowed)
+            raise ValueError(f"measure {name!r}: setting {key!r} must be one of {shown}, got {merged[key]!r}")
+    return spec, merged
 
 
 def _reason(spec: MeasureSpec, inputs: MeasureInputs, settings: dict[str, Any]) -> str | None:
@@ -412,18 +436,41 @@ def _folded_params(inputs: MeasureInputs, folded: nn.Module, name: str) -> list[
 def compute_measure(name: str, inputs: MeasureInputs, **settings: Any) -> MeasureResult:
     """Run measure ``name`` with its defaults updated by ``settings`` (unknown settings are a ValueError).
 
-    Every measure takes ``bn``: ``eval`` (running statistics, default), ``train`` (batch statistics) or ``fold``
-    (BatchNorm folded into the preceding layer, :func:`fold_batchnorm`; the initial weights ``inputs.init_state``
-    are folded the same way with the initial model's own BN statistics, :func:`fold_state`, and an explicit
-    ``inputs.params`` is mapped onto the folded copy by name); dropout is always off. A measure whose requirements
-    (class logits, an input shape) the inputs do not meet raises :class:`MeasureNotApplicable` (one line) before
-    anything runs. The model comes back exactly as it was (:func:`observed`).
+    Every measure takes three universal settings (:data:`UNIVERSAL_SETTINGS`), applied here in this order and
+    recorded in the result's settings:
+
+    * ``bn``: ``eval`` (running statistics, default), ``train`` (batch statistics) or ``fold`` (BatchNorm folded
+      into the preceding layer, :func:`fold_batchnorm`; the initial weights ``inputs.init_state`` are folded the
+      same way with the initial model's own BN statistics, :func:`fold_state`, and an explicit ``inputs.params`` is
+      mapped onto the folded copy by name); dropout is always off.
+    * ``reparametrize``: None (default) or ``"lpf_norm"``: the measure runs on
+      :func:`~flatlit.sharpness.norms.lpf_normalize` of the model (after folding, with ``bn="fold"``): LPF-SGD's
+      ``norm()`` (Bisla et al. 2022, arXiv 2201.08025; SPEC §5.6), the same function with every Linear/Conv filter
+      at ‖W_j‖₂ + |b_j| = 1 and every BatchNorm at |γ_j| + |β_j| = 1, the scales moved into constant buffers. An
+      explicit ``inputs.params`` is mapped onto the copy (``0.weight`` → ``0.0.weight``); ``inputs.init_state`` is
+      normalised with the *initial* model's own filter norms (``lpf_normalize`` of a copy holding it). LPF-SGD's
+      own measures never read θ₀ (its PAC-Bayes term uses 0). The losses and logits are evaluated on the copy
+      (``batch_loss(model, batch)`` and ``logits_fn(model, batch)`` take the model as an argument); a loss that
+      reads a layer's ``.weight`` by attribute, outside the layer's forward, does not see the wrapped layer.
+    * ``scale``: ``"none"`` (default), ``"sqrt_m"`` (value → √(value/m)) or ``"half_log_m"`` (value → ½(value −
+      log m)), with m = ``inputs.num_train`` when set, else the sample size (:func:`sample_size`): the adjustment
+      of Jiang et al. 2019 (arXiv 1912.02178) for the dataset size, as coded by Dziugaite et al. 2020 (log measures
+      ½(v − log m), the others √(v/m)). The standard error follows by the delta method (SE / (2√(v·m)) and SE / 2);
+      ``extra`` gains ``unscaled`` (v) and ``m``, the other extras stay unscaled. √ of a negative value is NaN
+      with a one-line RuntimeWarning.
+
+    A measure whose requirements (class logits, an input shape) the inputs do not meet raises
+    :class:`MeasureNotApplicable` (one line) before anything runs. The model comes back exactly as it was
+    (:func:`observed`).
     """
     spec, merged = _merged(name, settings)
     bn = merged.pop("bn")
+    reparametrize = merged.pop("reparametrize")
+    scale = merged.pop("scale")
+    universal = {"bn": bn, "reparametrize": reparametrize, "scale": scale}
     with observed(inputs.model):
         set_bn_policy(inputs.model, "eval" if bn == "fold" else bn)
-        reason = _reason(spec, inputs, {**merged, "bn": bn})
+        reason = _reason(spec, inputs, {**merged, **universal})
         if reason is not None:
             raise MeasureNotApplicable(reason)
         if bn == "fold":
@@ -433,5 +480,12 @@ def compute_measure(name: str, inputs: MeasureInputs, **settings: Any) -> Measur
             folded = fold_batchnorm(inputs.model)
             params = _folded_params(inputs, folded, name)
             inputs = dataclasses.replace(inputs, model=folded, init_state=init_state, params=params)
+        if reparametrize == "lpf_norm":
+            inputs = _lpf_inputs(inputs)
         result = spec.fn(inputs, **merged)
-    return dataclasses.replace(result, settings={**result.settings, "bn": bn})
+    if scale != "none":
+        m = inputs.num_train if inputs.num_train is not None else sample_size(inputs.batches)
+        if m < 1:
+            raise ValueError(f"measure {name!r}: scale={scale!r} needs a dataset size m >= 1 (num_train), got {m}")
+        result = _scaled(result, scale, m)
+    return dataclasses.replace(result, settings={**result.settings, **universal})

@@ -36,10 +36,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatlit.sharpness.base import Cost, MeasureInputs, MeasureResult, register_measure
-from flatlit.sharpness.margins import (  # noqa: F401 (margin, sample_margins re-exported)
+from flatlit.sharpness.margins import (  # noqa: F401 (margin, sample_margins, margin_percentile re-exported)
+    MARGIN_DOC,
+    _check_margin_rank,
     _check_percentile,
     margin,
     margin_percentile,
+    margin_value,
     sample_margins,
 )
 from flatlit.sharpness.operator_norms import (  # noqa: F401 (the layer helpers re-exported)
@@ -90,10 +93,13 @@ def _finish_product(
     squared = _check_bool("squared", settings["squared"])
     log = _check_bool("log", settings["log"])
     _check_percentile(settings["percentile"])
+    _check_margin_rank(settings["margin_rank"])
     cost = Cost()
     extra = {**extra, "log_unnormalized": log_value}
     if over_margin:
-        gamma = margin_percentile(inputs.model, inputs.batches, settings["percentile"], inputs.logits_of)
+        gamma = margin_value(
+            inputs.model, inputs.batches, settings["percentile"], settings["margin_rank"], inputs.logits_of
+        )
         extra["margin"] = gamma
         cost = Cost(forwards=1)
         log_value = log_value - math.log(gamma) if gamma > 0 else float("inf")
@@ -102,19 +108,21 @@ def _finish_product(
     return MeasureResult(name, log_value if log else _exp(log_value), None, cost, dict(settings), extra)
 
 
-_PRODUCT_DOC = """
+_PRODUCT_DOC = f"""
 
-    Settings shared by the norm products: ``over_margin`` (default False) divides the product by the margin γ (the
-    ``percentile``-th percentile, default 5, of f_y − max_{j≠y} f_j over the sample; Neyshabur et al. 2017 report
-    Π‖W_l‖/γ); ``squared`` (default False) squares the result (Jiang et al. 2019's ``log_prod_of_*_over_margin`` is
-    ``over_margin=True, squared=True``: log Π‖W_l‖²/γ²); ``log`` (default True) reports the natural log of the
-    result (products over many layers overflow) rather than the result. A margin ≤ 0 makes a margin-normalised
-    value +inf; ``over_margin`` needs class logits (``inputs.logits_fn``, as for ``margin``) and is refused (one
-    line) for a model without them. ``bn`` defaults to ``"fold"`` (BN folded into the preceding layer first).
-    ``extra``: the per-layer norms (by module name), ``log_unnormalized`` = Σ_l log‖W_l‖ and ``margin``. Cost: none
-    (no data) unless ``over_margin`` (one forward pass over the sample)."""
+    The products run over the Linear/Conv layers' weight tensors only (no biases; with ``bn="fold"`` the BN scale is
+    inside them). Settings shared by the norm products: ``over_margin`` (default False) divides the product by the
+    margin γ (the ``percentile``-th percentile, default 5, of f_y − max_{{j≠y}} f_j over the sample; Neyshabur et al.
+    2017 report Π‖W_l‖/γ); ``squared`` (default False) squares the result (Jiang et al. 2019's
+    ``log_prod_of_*_over_margin``, eqs. 31/36, is ``over_margin=True, squared=True``: log Π‖W_l‖²/γ²); ``log``
+    (default True) reports the natural log of the result (products over many layers overflow) rather than the
+    result. A margin ≤ 0 makes a margin-normalised value +inf; ``over_margin`` needs class logits
+    (``inputs.logits_fn``, as for ``margin``) and is refused (one line) for a model without them. ``bn`` defaults to
+    ``"fold"`` (BN folded into the preceding layer first). ``extra``: the per-layer norms (by module name),
+    ``log_unnormalized`` = Σ_l log‖W_l‖ and ``margin``. Cost: none (no data) unless ``over_margin`` (one forward
+    pass over the sample). {MARGIN_DOC}"""
 
-_PRODUCT_DEFAULTS = dict(over_margin=False, squared=False, log=True, percentile=5.0, bn="fold")
+_PRODUCT_DEFAULTS = dict(over_margin=False, squared=False, log=True, percentile=5.0, margin_rank=None, bn="fold")
 
 
 def _over_margin(settings: dict[str, Any]) -> bool:
@@ -182,8 +190,11 @@ def spectral_norm_product(inputs: MeasureInputs, **settings: Any) -> MeasureResu
     return _finish_product("spectral_norm_product", inputs, sum(_log(v) for v in norms.values()), extra, settings)
 
 
-def _spectral_norms(inputs: MeasureInputs, settings: dict[str, Any]) -> tuple[dict[str, float], int]:
-    """σ_max per layer (by module name) and the number of layers whose Lanczos run hit ``power_iters`` first."""
+def _spectral_norms(
+    inputs: MeasureInputs, settings: dict[str, Any], of: Callable[[Layer], Layer] | None = None
+) -> tuple[dict[str, float], int]:
+    """σ_max per layer (by module name, forward order) and the number of layers whose Lanczos run hit
+    ``power_iters`` first; ``of(layer)`` (default: the layer) is the layer whose σ_max is taken (e.g. W − W⁰)."""
     reshaped = _check_bool("reshaped", settings["reshaped"])
     iters, tol = int(settings["power_iters"]), float(settings["tol"])
     if iters < 1:
@@ -192,7 +203,8 @@ def _spectral_norms(inputs: MeasureInputs, settings: dict[str, Any]) -> tuple[di
         raise ValueError(f"tol must be >= 0, got {settings['tol']!r}")
     layers = _layers_of(inputs, need_shapes=not reshaped)
     seed = int(settings["seed"])
-    found = {layer.name: _layer_spectral_norm(layer, reshaped, iters, tol, seed, warn=True) for layer in layers}
+    of = of or (lambda layer: layer)
+    found = {layer.name: _layer_spectral_norm(of(layer), reshaped, iters, tol, seed, warn=True) for layer in layers}
     return {name: est.sigma for name, est in found.items()}, sum(not est.converged for est in found.values())
 
 
@@ -251,11 +263,11 @@ def _register_path_norm(name: str, p: float) -> None:
     counted as 0 passes over the sample. Cost: zero, unless ``over_margin`` (one forward pass over the sample).
 
     Settings: ``bias`` (default True) counts biases as edges from constant-one units (Neyshabur 2015), False drops
-    them; ``over_margin`` (default False) divides by the ``percentile``-th (default 5) percentile margin γ (one
-    forward pass over the sample); ``squared`` (default False) squares the result (for p = 2: Jiang et al. 2019's
-    path norm Σ Π w², and with ``over_margin`` their eq. 43 ratio); ``log`` (default False) reports the natural log.
-    A margin ≤ 0 makes a margin-normalised value +inf. ``bn`` defaults to ``"fold"``. ``extra``: ``path_norm`` (the
-    plain norm), ``margin``."""
+    them; ``over_margin`` (default False) divides by the margin γ, the ``percentile``-th (default 5) percentile of
+    the sample margins (one forward pass over the sample); ``squared`` (default False) squares the result (for
+    p = 2: Jiang et al. 2019's eq. 44 path norm Σ Π w², and with ``over_margin`` their eq. 43 ratio); ``log``
+    (default False) reports the natural log. A margin ≤ 0 makes a margin-normalised value +inf. ``bn`` defaults to
+    ``"fold"``. ``extra``: ``path_norm`` (the plain norm), ``margin``. {MARGIN_DOC}"""
     measure.__name__ = name.replace(".", "_")
     register_measure(
         name,
@@ -267,6 +279,7 @@ def _register_path_norm(name: str, p: float) -> None:
         squared=False,
         log=False,
         percentile=5.0,
+        margin_rank=None,
         bn="fold",
     )(measure)
 
@@ -324,37 +337,48 @@ def init_tensors(model: nn.Module, init_state: dict[str, torch.Tensor] | None, n
     return out
 
 
-def _module_of(name: str) -> str:
-    return name.rpartition(".")[0] or name
-
-
-@register_measure("distance_from_init", kind="complexity")
-def distance_from_init(inputs: MeasureInputs) -> MeasureResult:
-    """‖θ − θ₀‖₂ over all trainable parameters (Nagarajan & Kolter 2019, arXiv 1901.01672; Jiang et al. 2019
-    eq. 40 squares it; SPEC F39/F41). Needs ``inputs.init_state``. ``extra``: the distance of each module's
-    parameters (by module name). With ``bn="fold"`` the initial weights are folded too (:func:`init_tensors`).
-    Cost: none (no data)."""
+def _squared_norms(name: str, inputs: MeasureInputs, from_init: bool, settings: dict[str, Any]) -> MeasureResult:
+    """Σ ‖θ − θ₀‖² (``from_init``) or Σ ‖θ‖² per module (by module name), over the measured parameters (only the
+    Linear/Conv ``.weight`` with ``weights_only``); the total and per-module norms, or their squares (``squared``)."""
     named = inputs.named_params
-    init = init_tensors(inputs.model, inputs.init_state, [n for n, _ in named])
+    if _check_bool("weights_only", settings["weights_only"]):
+        weights = {f"{layer.name}.weight" for layer in find_layers(inputs.model)}
+        named = [(n, p) for n, p in named if n in weights]
+        if not named:
+            raise ValueError(f"measure {name!r}: weights_only=True, but no Linear/Conv weight is among the parameters")
+    root = (lambda v: v) if _check_bool("squared", settings["squared"]) else math.sqrt
+    init = init_tensors(inputs.model, inputs.init_state, [n for n, _ in named]) if from_init else {}
     per_module: dict[str, float] = {}
     for n, p in named:
-        d2 = float((p.detach().double() - init[n]).pow(2).sum())
-        per_module[_module_of(n)] = per_module.get(_module_of(n), 0.0) + d2
-    total = math.sqrt(sum(per_module.values()))
-    return MeasureResult(
-        "distance_from_init", total, None, Cost(), {}, {k: math.sqrt(v) for k, v in per_module.items()}
-    )
+        module = n.rpartition(".")[0] or n
+        sq = float((p.detach().double() - init[n] if from_init else p.detach().double()).pow(2).sum())
+        per_module[module] = per_module.get(module, 0.0) + sq
+    extra = {k: root(v) for k, v in per_module.items()}
+    return MeasureResult(name, root(sum(per_module.values())), None, Cost(), dict(settings), extra)
 
 
-@register_measure("param_norm", kind="complexity")
-def param_norm(inputs: MeasureInputs) -> MeasureResult:
-    """‖θ‖₂ over all trainable parameters (Jiang et al. 2019 eq. 42 squares it; SPEC F41). ``extra``: the norm of
-    each module's parameters. Cost: none."""
-    per_module: dict[str, float] = {}
-    for n, p in inputs.named_params:
-        per_module[_module_of(n)] = per_module.get(_module_of(n), 0.0) + float(p.detach().double().pow(2).sum())
-    total = math.sqrt(sum(per_module.values()))
-    return MeasureResult("param_norm", total, None, Cost(), {}, {k: math.sqrt(v) for k, v in per_module.items()})
+def distance_from_init(inputs: MeasureInputs, **settings: Any) -> MeasureResult:
+    """‖θ − θ₀‖₂ over all trainable parameters (Nagarajan & Kolter 2019, arXiv 1901.01672; SPEC F39/F41).
+    Needs ``inputs.init_state``; with ``bn="fold"`` the initial weights are folded too (:func:`init_tensors`). Jiang
+    et al. 2019 (arXiv 1912.02178) eq. 40 ``fro_dist`` = Σ_l ‖W_l − W_l⁰‖_F² is ``bn="fold", weights_only=True,
+    squared=True``. Cost: none (no data)."""
+    return _squared_norms("distance_from_init", inputs, True, settings)
+
+
+def param_norm(inputs: MeasureInputs, **settings: Any) -> MeasureResult:
+    """‖θ‖₂ over all trainable parameters (SPEC F41). Jiang et al. 2019 (arXiv 1912.02178) eq. 42 ``param_norm`` =
+    Σ_l ‖W_l‖_F² is ``bn="fold", weights_only=True, squared=True``. Cost: none (no data)."""
+    return _squared_norms("param_norm", inputs, False, settings)
+
+
+_NORM_DOC = """
+
+    Settings: ``weights_only`` (default False) keeps only the ``.weight`` tensors of the Linear/Conv layers (no
+    biases, no BatchNorm parameters; after folding with ``bn="fold"``); ``squared`` (default False) reports the
+    squared norm. ``extra``: the same quantity for each module's parameters (by module name)."""
+for _fn in (distance_from_init, param_norm):
+    _fn.__doc__ = (_fn.__doc__ or "") + _NORM_DOC
+    register_measure(_fn.__name__, kind="complexity", weights_only=False, squared=False)(_fn)
 
 
 def layer_param_count(layers: Sequence[Layer]) -> int:

@@ -99,8 +99,14 @@ class Sweep:
             args.append(f"--trainer.callbacks+={cli_value(ckpt)}")
         if not has_generalization:
             init = dict(self.spec.generalization)
-            if self.spec.measures:
+            if self.spec.has_measures:
                 init["save_final"] = True
+            if self.spec.preset:  # the run records the preset reads (Jiang's step counts)
+                from flatlit.sharpness.presets import get_preset
+
+                records = [float(v) for v in get_preset(self.spec.preset).records]
+                if records:
+                    init["loss_milestones"] = sorted({*records, *init.get("loss_milestones", [])}, reverse=True)
             gen = {"class_path": "flatlit.callbacks.GeneralizationTargets", "init_args": init}
             args.append(f"--trainer.callbacks+={cli_value(gen)}")
         return args
@@ -109,8 +115,10 @@ class Sweep:
         """The trial's commands: ``flatlit fit`` with the hyperparameters and ``additions``, then the measures."""
         configs = [a for c in self.spec.configs for a in ("--config", c)]
         measure_args = None
-        if self.spec.measures:
-            measure_args = ["measure", "--measures", *self.spec.measures, "--num_samples", str(self.spec.num_samples)]
+        if self.spec.has_measures:
+            measure_args = ["measure", "--num_samples", str(self.spec.num_samples)]
+            measure_args += ["--preset", self.spec.preset] if self.spec.preset else []
+            measure_args += ["--measures", *self.spec.measures] if self.spec.measures else []
             settings = {k: v for k, v in self.spec.measures.items() if v}
             if settings:
                 measure_args += ["--settings", json.dumps(settings)]
@@ -128,7 +136,7 @@ class Sweep:
         from flatlit.callbacks.generalization import GeneralizationTargets
         from flatlit.sweeps.validate import ConfigChecker
 
-        check_measures(self.spec.measures)
+        check_measures(self.spec.measures, self.spec.preset)
         try:
             GeneralizationTargets(**self.spec.generalization)
         except TypeError as err:

@@ -16,6 +16,7 @@ Schema (docs/sweeps.md has the full manual)::
         model.init_args.arch_kwargs.width: {low: 8, high: 512, log: true}   # ints when both bounds are ints
         model.init_args.arch: {choices: [mlp, lenet]}
     measures: {margin: {}, sam_sharpness: {rho: 0.05}}   # or a list of names; run by `flatlit measure`
+    preset: jiang2019                  # a paper's measure set (`flatlit measure --preset`); measures: then selects
     num_samples: 1000                  # the measures' sample
     generalization: {stop_loss: 0.01}  # GeneralizationTargets arguments (the callback every trial gets)
     slurm: {partition: gpu, timeout_min: 240, gpus_per_node: 1, cpus_per_task: 8, array_parallelism: 16}
@@ -39,7 +40,18 @@ import yaml
 
 from flatlit.utils.errors import ConfigError
 
-TOP_KEYS = ("name", "config", "output", "grid", "random", "measures", "num_samples", "generalization", "slurm")
+TOP_KEYS = (
+    "name",
+    "config",
+    "output",
+    "grid",
+    "random",
+    "measures",
+    "preset",
+    "num_samples",
+    "generalization",
+    "slurm",
+)
 RANDOM_KEYS = ("num_trials", "seed", "space")
 SPACE_KEYS = ("low", "high", "log", "type", "choices")
 
@@ -74,9 +86,24 @@ class SweepSpec:
     random_trials: int = 0
     random_seed: int = 0
     measures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preset: str | None = None
     num_samples: int = 1000
     generalization: dict[str, Any] = field(default_factory=dict)
     slurm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measure_labels(self) -> list[str]:
+        """The labels of the measures every trial gets (``measure/<label>`` columns): the preset's (those
+        ``measures`` selects) or ``measures``'."""
+        if self.preset:
+            from flatlit.sharpness.presets import get_preset
+
+            return list(self.measures) or [e.label for e in get_preset(self.preset).entries]
+        return list(self.measures)
+
+    @property
+    def has_measures(self) -> bool:
+        return bool(self.measures or self.preset)
 
     @property
     def keys(self) -> list[str]:
@@ -123,6 +150,10 @@ def load_spec(path: str, output: str | None = None) -> SweepSpec:
     if not spec.grid and not spec.random_trials:
         raise ConfigError("grid: empty; the sweep has no trials (give grid values or a random search).")
     spec.measures = _measures(raw.get("measures"))
+    preset = raw.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"preset: a preset name (e.g. jiang2019), got {preset!r}.")
+    spec.preset = preset
     spec.num_samples = _int(raw.get("num_samples", 1000), "num_samples", 1)
     spec.generalization = _mapping(raw.get("generalization"), "generalization")
     spec.slurm = _mapping(raw.get("slurm"), "slurm")
@@ -219,22 +250,15 @@ def _measures(value: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_measures(measures: dict[str, dict[str, Any]]) -> None:
-    """Unknown measure names or settings are refused (the registry of ``flatlit measure``)."""
-    if not measures:
-        return
-    from flatlit.sharpness import get_measure
+def check_measures(measures: dict[str, dict[str, Any]], preset: str | None = None) -> None:
+    """Unknown measure names or settings, an unknown preset or a setting conflicting with it are refused (the
+    measure tables of ``flatlit measure``)."""
+    from flatlit.sharpness.presets import measure_table, preset_measures
 
-    for name, settings in measures.items():
-        try:
-            spec = get_measure(name)
-        except ValueError as err:
-            raise ConfigError(f"measures.{name}: {err}") from None
-        unknown = sorted(set(settings) - set(spec.defaults))
-        if unknown:
-            raise ConfigError(
-                f"measures.{name}.{unknown[0]}: unknown setting; accepted: {', '.join(sorted(spec.defaults))}."
-            )
+    if preset:
+        preset_measures(preset, list(measures) or None, measures, owner="preset", settings_owner="measures")
+    elif measures:
+        measure_table(measures, "measures")
 
 
 def draw(dist: dict[str, Any], rng: random.Random) -> Any:

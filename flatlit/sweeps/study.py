@@ -166,8 +166,9 @@ def read_measures(run_dir: str, names: list[str], num_samples: int) -> dict[str,
             info = json.loads(key)
         except ValueError:
             continue
-        if info.get("measure") in names and info.get("sample", {}).get("num_samples") == num_samples:
-            out[f"measure/{info['measure']}"] = entry.get("value")
+        label = info.get("label", info.get("measure"))
+        if label in names and info.get("sample", {}).get("num_samples") == num_samples:
+            out[f"measure/{label}"] = entry.get("value")
     return out
 
 
@@ -185,7 +186,7 @@ def result_row(spec: SweepSpec, trial: Trial, trial_id: str, attempt: FrozenTria
             final = json.load(f)
     except (OSError, ValueError):
         return None
-    names = list(spec.measures)
+    names = spec.measure_labels
     row: dict[str, Any] = {"trial": trial_id, "run_dir": os.path.relpath(run_dir, spec.output)}
     row.update({k: _cell(trial.params.get(k)) for k in spec.keys})
     row.update({k: _cell(final.get(k)) for k in FINAL_KEYS})
@@ -227,7 +228,7 @@ def write_results(
         *spec.keys,
         *FINAL_KEYS,
         *(f"final/{k}" for k in RUN_KEYS),
-        *(f"measure/{n}" for n in spec.measures),
+        *(f"measure/{n}" for n in spec.measure_labels),
         "seconds",
     ]
     path = os.path.join(spec.output, "results.csv")

@@ -161,6 +161,32 @@ def test_stopping_rule_stops_at_the_right_epoch_and_saves_converged(mnist_dir, t
     assert again.final_metrics == pytest.approx(cb.final_metrics)
 
 
+def test_loss_milestones_record_the_first_check_below_each_loss(mnist_dir, tmp_path):
+    """Jiang et al.'s step counts: the global step of the first epoch-end check with full_train/loss ≤ each value,
+    compared with the logged series; a value never reached is recorded as None; training is not changed."""
+    series = [s["loss"] for s in full_train_series(mnist_dir, tmp_path, epochs=4)]
+    first = next(e for e in range(1, 4) if series[e] < min(series[:e]))
+    reached = series[first]  # first reached at epoch `first` exactly (every earlier value is larger)
+    cb = GeneralizationTargets(loss_milestones=[reached, 0.0], test=False)
+    m, _, t = fit(mnist_dir, tmp_path, [cb], epochs=4, name="milestones")
+    key = repr(float(reached))
+    assert cb.milestones == {key: {"epoch": first, "step": (first + 1) * STEPS}}
+    with open(os.path.join(t.log_dir, "final_metrics.json")) as f:
+        record = json.load(f)
+    assert record["loss_milestones"] == {key: {"epoch": first, "step": (first + 1) * STEPS}, "0.0": None}
+    with open(os.path.join(t.log_dir, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get(f"optimization/steps_to_loss_{key}")]
+    assert int(logged[0]["epoch"]) == first  # first logged at that epoch (Lightning keeps the value in later rows)
+    assert {int(float(r[f"optimization/steps_to_loss_{key}"])) for r in logged} == {(first + 1) * STEPS}
+    assert cb.converged is None and t.current_epoch == 4  # milestones never stop training
+    plain, _, _ = fit(mnist_dir, tmp_path, [], epochs=4, name="plain_m")
+    for k, v in plain.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match=r"GeneralizationTargets\(loss_milestones\)"):
+        GeneralizationTargets(loss_milestones=[-0.1])
+
+
 def test_evaluation_batches_cover_each_example_once_per_rank_share(mnist_dir):
     dm = datamodule(mnist_dir)
     dm.setup("fit")

@@ -76,6 +76,24 @@ def test_bad_measure_names_are_config_errors():
         SharpnessMeasures(measures={name: {"bogus": 1}})
 
 
+def test_a_preset_gives_the_callbacks_the_papers_names_and_settings():
+    """The preset's measures of each callback's kind, under the paper's labels, with its pinned settings; the run
+    records (Jiang's step counts) are left to ``flatlit measure``; a conflicting setting is one line."""
+    from flatlit.sharpness.presets import get_preset
+
+    sharp, comp = SharpnessMeasures(preset="jiang2019"), ComplexityMeasures(preset="jiang2019")
+    labels = [e.label for e in get_preset("jiang2019").entries if not e.measure.startswith("record:")]
+    assert sorted([*sharp.measures, *comp.measures]) == sorted(labels)
+    assert comp.measures["log_prod_of_spec"].settings["scale"] == "half_log_m"
+    assert set(SharpnessMeasures(preset="lpf2022", measures=["low_pass"]).measures) == {"low_pass"}
+    with pytest.raises(ConfigError, match=r"SharpnessMeasures\(measures\)\.low_pass\.sigma: 0\.1 conflicts"):
+        SharpnessMeasures(preset="lpf2022", measures={"low_pass": {"sigma": 0.1}})
+    with pytest.raises(
+        ConfigError, match=r"ComplexityMeasures\(preset\): preset 'andriushchenko2023' has no complexity"
+    ):
+        ComplexityMeasures(preset="andriushchenko2023")
+
+
 # ---- the loss contract: an autoencoder (batches are the inputs, MSE reconstruction) ---------------------------------
 class AutoEncoderModule(pl.LightningModule):
     """Batches are input tensors only; the loss is the MSE reconstruction (curvature_loss says so)."""
@@ -195,6 +213,8 @@ def test_autoencoder_skips_inapplicable_measures_of_all_with_one_note(caplog):
         "bound_bartlett_mendelson",
         "bound_neyshabur2015",
         "bound_neyshabur2018",
+        "spec_init",
+        "spec_orig",
     }
     for cb in cbs:
         notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{type(cb).__name__}: skipping")]

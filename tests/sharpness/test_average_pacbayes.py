@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure
-from flatlit.sharpness.base import generator
+from flatlit.sharpness.base import UNIVERSAL_SETTINGS, generator
 from tests.sharpness.test_worst_case import bn_mlp as problem
 from tests.sharpness.test_worst_case import quadratic, random_spd, relu_net
 
@@ -200,7 +200,7 @@ def test_measure_function_restores_weights_and_grads_itself(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad for p in model.parameters()]
     rng = torch.get_rng_state()
-    settings = {k: v for k, v in get_measure(name).defaults.items() if k != "bn"}
+    settings = {k: v for k, v in get_measure(name).defaults.items() if k not in UNIVERSAL_SETTINGS}
     settings["draws"] = 3
     result = get_measure(name).fn(MeasureInputs(model, batches, init_state=init), **settings)
     assert math.isfinite(result.value)

@@ -99,7 +99,14 @@ def test_minimum_sharpness_is_invariant_to_function_preserving_rescaling():
     assert abs(a.extra["trace"] - b.extra["trace"]) > 0.1 * a.extra["trace"]  # the plain trace is not invariant
     assert a.value < a.extra["trace"] and a.value > 0
     assert a.cost.per_example == 3 and a.cost.gradients == a.cost.hvps == 0
-    assert a.settings == {"chunk_size": 16, "max_steps": 100, "tol": 1e-12, "bn": "eval"}
+    assert a.settings == {
+        "chunk_size": 16,
+        "max_steps": 100,
+        "tol": 1e-12,
+        "bn": "eval",
+        "reparametrize": None,
+        "scale": "none",
+    }
 
 
 def test_minimum_sharpness_with_biases_is_invariant_too():

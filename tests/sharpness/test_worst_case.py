@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure
-from flatlit.sharpness.base import generator
+from flatlit.sharpness.base import UNIVERSAL_SETTINGS, generator
 from flatlit.sharpness.keskar import subspace_matrix
 from flatlit.sharpness.worst_case import apgd_ascent, apgd_checkpoints, chunks_of
 from tests.sharpness.common import bn_mlp_model
@@ -340,7 +340,7 @@ def test_measure_function_restores_weights_and_grads_itself(name):
     grads = [p.grad for p in model.parameters()]
     rng = torch.get_rng_state()
     spec = get_measure(name)
-    settings = {k: v for k, v in spec.defaults.items() if k != "bn"}
+    settings = {k: v for k, v in spec.defaults.items() if k not in UNIVERSAL_SETTINGS}
     if "steps" in settings:
         settings.update(steps=4, m=20, seed=1)
     if name == "keskar_sharpness":
