@@ -130,4 +130,45 @@ effective_dimension.__doc__ = (
 register_measure("lanczos_trace", iterations=100, draws=2, seed=0)(lanczos_trace)
 register_measure("effective_dimension", iterations=100, draws=2, seed=0)(effective_dimension)
 
-__all__ = ["effective_dimension", "lanczos_trace"]
+
+@register_measure("hessian_top_eigenvalue", k=1, tol=1e-4, max_iter=100, seed=0)
+def hessian_top_eigenvalue(
+    inputs: MeasureInputs, k: int = 1, tol: float = 1e-4, max_iter: int = 100, seed: int = 0
+) -> MeasureResult:
+    """λ₁, the largest eigenvalue of the Hessian of the sample loss (Keskar et al. 2017, arXiv 1609.04836, and
+    Jastrzębski et al. 2019, arXiv 1807.05031, use it as "sharpness"; Cohen et al. 2021, arXiv 2103.00065, compare
+    it with 2/η), by verified Lanczos (:func:`flatlit.curvature.lanczos`: the top ``k`` Ritz pairs to a relative
+    residual ``tol``, then a deflated restart that certifies nothing lies above them), the same solver as the
+    :class:`~flatlit.callbacks.HessianEigenvalues` callback.
+
+    Settings: ``k`` (1) eigenpairs solved for (λ₁ is the value; λ_2..λ_k in ``extra``); ``tol`` (1e-4);
+    ``max_iter`` (100) Krylov dimension of the first run; ``seed`` (0) of the start vector.
+    Extra: ``lambda_<i>`` for i ≤ k, ``converged`` (1/0), ``max_residual``. Cost: the HVPs Lanczos used."""
+    _check_int("hessian_top_eigenvalue", "k", k, 1)
+    _check_int("hessian_top_eigenvalue", "max_iter", max_iter, 1)
+    _check_int("hessian_top_eigenvalue", "seed", seed, 0)
+    if not float(tol) > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    op = hessian_operator(inputs)
+    with twice_differentiable("hessian_top_eigenvalue"):
+        res = lanczos(
+            op.matvec,
+            op.numel,
+            k=min(k, op.numel),
+            max_iter=min(max_iter, op.numel),
+            tol=float(tol),
+            seed=seed,
+            which="LA",
+            dtype=op.dtype,
+            device=op.device,
+            return_eigenvectors=False,
+        )
+    eigs = torch.sort(res.eigenvalues.double().cpu(), descending=True).values
+    extra = {f"lambda_{i + 1}": float(v) for i, v in enumerate(eigs)}
+    extra["converged"] = float(bool(res.converged))
+    extra["max_residual"] = float(res.residuals.max()) if res.residuals.numel() else 0.0
+    settings = {"k": k, "tol": tol, "max_iter": max_iter, "seed": seed}
+    return MeasureResult("hessian_top_eigenvalue", float(eigs[0]), None, Cost(hvps=res.num_matvecs), settings, extra)
+
+
+__all__ = ["effective_dimension", "hessian_top_eigenvalue", "lanczos_trace"]

@@ -327,3 +327,23 @@ def test_local_entropy_grad_norm_bad_settings():
         compute_measure("local_entropy_grad_norm", MeasureInputs(model, batches), alpha=1.0)
     with pytest.raises(ValueError, match="'steps' must be an integer"):
         compute_measure("local_entropy_grad_norm", MeasureInputs(model, batches), steps=0)
+
+
+@pytest.mark.parametrize("case", ["regression", "classifier"])
+def test_hessian_top_eigenvalue_equals_the_exact_spectrum(case):
+    """λ₁ (and λ₂) by verified Lanczos against eigvalsh of torch.func.hessian."""
+    if case == "regression":
+        model, batches = tanh_regression()
+        loss_fn = F.mse_loss
+    else:
+        model, batches, _ = problem()
+        loss_fn = F.cross_entropy
+    model.eval()
+    lam = torch.sort(exact_spectrum(model, batches, loss_fn), descending=True).values
+    inputs = MeasureInputs(model, batches, loss_fn=loss_fn)
+    res = compute_measure("hessian_top_eigenvalue", inputs, k=2, tol=1e-10)
+    assert res.value == pytest.approx(float(lam[0]), rel=1e-8)
+    assert res.extra["lambda_2"] == pytest.approx(float(lam[1]), rel=1e-6)
+    assert res.extra["converged"] == 1.0 and res.cost.hvps > 0
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        compute_measure("hessian_top_eigenvalue", inputs, tol=0)
