@@ -64,7 +64,13 @@ _CONFIG_KEY = "flatlit_config"  # the run's model and data config (YAML text) in
 
 
 class FlatlitCLI(LightningCLI):
-    """LightningCLI subclass: subclass mode for model and data, injected optimizers, data→model links."""
+    """LightningCLI subclass: subclass mode for model and data, injected optimizers, data→model links.
+
+    Every TensorBoardLogger of the Trainer (a config's, or Lightning's default one) runs with
+    ``default_hp_metric=False``, whatever the config says: flatlit logs real metrics, never Lightning's
+    ``hp_metric = -1`` placeholder (a sweep attaches each trial's hyperparameters to its final metrics and measures
+    once the trial has finished, :mod:`flatlit.sweeps.hparams`).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -140,14 +146,19 @@ class FlatlitCLI(LightningCLI):
         return {k: dump.get(k) for k in ("model", "data")}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer; Lightning's errors about its arguments become one ConfigError naming the ``trainer.`` key."""
+        """The Trainer; Lightning's errors about its arguments become one ConfigError naming the ``trainer.`` key.
+        Its TensorBoard loggers get ``default_hp_metric=False`` (see the class docstring)."""
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
             msg = str(err)
             names = [n for n in re.findall(r"`(\w+)`", msg) if n in inspect.signature(Trainer.__init__).parameters]
             key = f"trainer.{names[0]}" if names else "trainer"
             raise ConfigError(f"{key}: {msg.replace(f'`{names[0]}` ', '') if names else msg}") from None
+        for logger in trainer.loggers:  # no hp_metric = -1 placeholder (no public setter; read at fit start)
+            if isinstance(logger, TensorBoardLogger) and logger._default_hp_metric:
+                logger._default_hp_metric = False
+        return trainer
 
     def before_fit(self) -> None:
         """Record the run's config in its checkpoints; a resumed run continues the checkpoint's run directory."""

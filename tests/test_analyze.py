@@ -270,7 +270,7 @@ def test_sweep_files_jsonl_and_csv(tmp_path):
             f.write(json.dumps(rec) + "\n")
         f.write(json.dumps({"trial": 99, "status": "running", "params": {KEYS["lr"]: 1.0}}) + "\n")
     sweep = load_sweep(root)
-    assert sweep.source == "trials.jsonl" and len(sweep.rows) == 36  # the running trial is skipped
+    assert sweep.source == "trials.jsonl" and len(sweep.frame) == 36  # the running trial is skipped
     assert set(sweep.hparams) == {KEYS["lr"], KEYS["batch_size"], "seed_everything"}
     assert np.isfinite(sweep.column("measure/lpf_sharpness")).all()
     assert any("not finished" in n for n in sweep.notes)
@@ -283,7 +283,7 @@ def test_sweep_files_jsonl_and_csv(tmp_path):
         w.writerows([[0, "completed", 0.1, "none", 0.99, 0.9], [1, "completed", 0.01, "none", 0.98, 0.95]])
         w.writerow([2, "failed", 0.001, "none", "", ""])
     sweep = load_sweep(root)
-    assert [r["trial"] for r in sweep.rows] == [0, 1]
+    assert sweep.frame["trial"].tolist() == [0, 1]
     assert sweep.hparams == [KEYS["lr"]]  # augment never changes: a setting of the sweep, not a hyperparameter
     assert sweep.column("final/gen_gap_acc") == pytest.approx([0.09, 0.03])
 
@@ -320,12 +320,12 @@ def test_results_csv_of_flatlit_sweep(tmp_path):
     del latest["trial-0007"]  # still running: no row
     write_results(spec, trials, ids, latest)
     sweep = load_sweep(spec.output)
-    assert sweep.source == "results.csv" and len(sweep.rows) == 35
+    assert sweep.source == "results.csv" and len(sweep.frame) == 35
     assert sweep.hparams == list(grid)
     assert sweep.measures == sorted(f"measure/{m}" for m in MEASURES)
     assert sweep.info == ["epochs", "converged", "converged_epoch"]
     assert all(m.startswith("final/") and "step" not in m for m in sweep.metrics)
-    assert sweep.rows[0]["run_dir"] == os.path.join(spec.output, "trials", "trial-0000")
+    assert sweep.frame["run_dir"][0] == os.path.join("trials", "trial-0000")  # relative to the sweep, as in trials.csv
     assert np.isnan(sweep.column("measure/sam_sharpness")).sum() == 5
     s = analyze(spec.output, ["gen_gap_acc"], str(tmp_path / "a"), bootstrap=20, converged_only=True)
     assert s["trials"] == 34 and any("never converged" in n for n in s["notes"])
@@ -369,13 +369,12 @@ def test_figures_exist_are_readable_and_labelled(sweep_dir, tmp_path):
         w, h = _png_size(os.path.join(out, name))
         assert w >= 600 and h >= 300
     sweep = load_sweep(sweep_dir)
-    res = analyze_target(sweep.rows, sweep.hparams, sweep.measures, "final/gen_gap_acc", 50, 0)
+    res = analyze_target(sweep.frame, sweep.hparams, sweep.measures, "final/gen_gap_acc", 50, 0)
     names = {h: h.split(".")[-1] for h in sweep.hparams}
     lr = KEYS["lr"]
-    figs = [scatter_figure(sweep.rows, res, lr, names), tau_figure(res), psi_figure(res, names)]
-    for r, t in zip(sweep.rows, synthetic_trials()):
-        r["cont"] = t["i"] * 1.0 + 1  # > 10 colour values: a colour bar instead of a legend
-    figs.append(scatter_figure(sweep.rows, res, "cont", {**names, "cont": "cont"}))
+    figs = [scatter_figure(sweep.frame, res, lr, names), tau_figure(res), psi_figure(res, names)]
+    cont = sweep.frame.assign(cont=[t["i"] * 1.0 + 1 for t in synthetic_trials()])  # > 10 colour values: a colour bar
+    figs.append(scatter_figure(cont, res, "cont", {**names, "cont": "cont"}))
     for fig in figs:
         fig.canvas.draw()
         sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_text()]

@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
+
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
     """Readable unique names of dotted keys: ``model.init_args.optimizer.init_args.lr`` → ``lr``,
@@ -72,8 +74,9 @@ def value_labels(values: Sequence[Any]) -> dict[str, str]:
     return out
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    esc = [[str(c).replace("|", "\\|") for c in r] for r in [header, *rows]]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame of cell texts as a Markdown (GitHub) table: its columns as the header, ``|`` escaped."""
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in [list(frame.columns), *frame.to_numpy().tolist()]]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in esc[0]) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
     return "\n".join(lines) + "\n"

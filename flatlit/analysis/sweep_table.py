@@ -3,8 +3,9 @@
 :func:`load_sweep` reads the sweep's ``trials.jsonl`` or ``results.csv`` (or else a tree of run directories), fills in
 what the sweep file lacks from each run directory (``final_metrics.json`` or ``history.csv``,
 ``checkpoints/measures.json``), keeps as hyperparameters the config keys whose values differ between trials, and
-gives one column per measure (per setting where a measure was computed with several). :func:`trials_table` is that
-table as rows (``trials.csv``). Missing or non-finite values stay NaN.
+gives one column per measure (per setting where a measure was computed with several). The table is a pandas
+DataFrame, :attr:`Sweep.frame` (what ``flatlit analyze`` writes as ``trials.csv``); :func:`sweep_frame` returns it
+directly. Missing or non-finite values are NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from flatlit.analysis.run_files import read_history
@@ -34,18 +36,21 @@ META = ("trial", "trial_id", "id", "run_dir", "status", "log_dir", "seconds", "e
 INFO = ("epochs", "converged", "converged_epoch")
 IGNORED_FINAL = ("global_step", "converged_step", "num_train", "num_test", "stop_loss", "stop_error")
 NOT_PARAMS = (*META, *INFO, *IGNORED_FINAL)
+_VALUES = ("final/", "measure/")  # prefixes of the value columns of a trials table
 
 
 # ---- reading a sweep ---------------------------------------------------------------------------------------------
 @dataclass
 class Sweep:
-    """The finished trials of a sweep as one table: ``rows`` (one dict per trial, keyed by column), the columns that
-    are hyperparameters, final metrics (``final/...``) and measures (``measure/<name>``), and notes on what was
-    skipped or derived."""
+    """The finished trials of a sweep as one table, ``frame`` (a pandas DataFrame, one row per trial, the columns of
+    ``trials.csv``: ``trial``, the hyperparameters, ``run_dir`` relative to the sweep, the final metrics
+    ``final/...``, the run facts ``epochs``/``converged``/``converged_epoch`` where known, the measures
+    ``measure/<name>``; NaN where missing), the names of those column groups, and notes on what was skipped or
+    derived."""
 
     path: str
     source: str
-    rows: list[dict[str, Any]]
+    frame: pd.DataFrame
     hparams: list[str]
     metrics: list[str]
     measures: list[str]
@@ -54,7 +59,28 @@ class Sweep:
 
     def column(self, key: str) -> np.ndarray:
         """A numeric column (NaN where missing or not a finite number)."""
-        return np.array([finite_or_nan(r.get(key)) for r in self.rows], dtype=float)
+        return numeric(self.frame, key)
+
+
+def numeric(frame: pd.DataFrame, key: str) -> np.ndarray:
+    """Column ``key`` of ``frame`` as floats: NaN where missing, not a finite number, or the column is absent."""
+    if key not in frame:
+        return np.full(len(frame), math.nan)
+    return np.array([finite_or_nan(v) for v in frame[key].tolist()], dtype=float)
+
+
+def column_roles(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """The columns of a trials table by role, from their names (the layout of :attr:`Sweep.frame` and
+    ``trials.csv``): ``metrics`` (``final/*``), ``measures`` (``measure/*``), ``info`` (run facts) and ``hparams``
+    (every other column but ``trial``, ``trials`` and ``run_dir``). A column added to the frame by hand counts as a
+    hyperparameter: pass the hyperparameters explicitly where it should not."""
+    cols = [str(c) for c in frame.columns]
+    return {
+        "hparams": [c for c in cols if c not in ("trial", "trials", "run_dir", *INFO) and not c.startswith(_VALUES)],
+        "metrics": [c for c in cols if c.startswith("final/")],
+        "info": [c for c in cols if c in INFO],
+        "measures": [c for c in cols if c.startswith("measure/")],
+    }
 
 
 def finite_or_nan(v: Any) -> float:
@@ -185,8 +211,8 @@ def load_sweep(path: str) -> Sweep:
 
     Metrics or measures missing from the sweep's file are read from the run directory: ``final_metrics.json`` (or
     ``history.csv``) and ``checkpoints/measures.json``. A measure computed with several settings across the sweep
-    gets one column per setting (``measure/worst_case_l2[rho=0.05]``). Raises :class:`ConfigError` when there is
-    no finished trial.
+    gets one column per setting (``measure/worst_case_l2[rho=0.05]``). The table is :attr:`Sweep.frame`. Raises
+    :class:`ConfigError` when there is no finished trial.
     """
     if not os.path.isdir(path):
         raise ConfigError(f"SWEEP_DIR {path!r}: not a directory; pass the output folder of `flatlit sweep`.")
@@ -390,22 +416,22 @@ def load_sweep(path: str) -> Sweep:
     metrics += sorted({k for r in rows for k in r if k.startswith("final/") and k not in metrics})
     measures = sorted(set(column.values()))
     info = [k for k in INFO if any(r.get(k) not in (None, "") for r in rows)]
-    return Sweep(path, source, rows, hparams, metrics, measures, notes, info)
+    for r in rows:  # run directories relative to the sweep, as trials.csv has them
+        run_dir = r.get("run_dir")
+        r["run_dir"] = os.path.relpath(run_dir, path) if run_dir and os.path.isabs(str(run_dir)) else run_dir
+    frame = pd.DataFrame.from_records(rows, columns=["trial", *hparams, "run_dir", *metrics, *info, *measures])
+    for c in [c for c in frame.columns if pd.api.types.is_object_dtype(frame[c])]:  # NaN where missing, as in CSV
+        frame[c] = frame[c].where(frame[c].notna(), math.nan)
+    return Sweep(path, source, frame, hparams, metrics, measures, notes, info)
+
+
+def sweep_frame(path: str) -> pd.DataFrame:
+    """The trials of the sweep at ``path`` as a DataFrame (:func:`load_sweep`'s :attr:`Sweep.frame`): one row per
+    finished trial with ``trial``, the hyperparameters (dotted config keys), ``run_dir``, ``final/*`` metrics, run
+    facts and ``measure/*`` columns, equal to the ``trials.csv`` that ``flatlit analyze`` writes."""
+    return load_sweep(path).frame
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     pairs = len(set(zip(a.tolist(), b.tolist())))
     return pairs == len(set(a.tolist())) == len(set(b.tolist()))
-
-
-def trials_table(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of ``trials.csv``: trial, hyperparameters, run_dir, final metrics, run facts (epochs,
-    converged) where known, measures."""
-    header = ["trial", *sweep.hparams, "run_dir", *sweep.metrics, *sweep.info, *sweep.measures]
-    rows = []
-    for r in sweep.rows:
-        run_dir = r.get("run_dir")
-        rel = os.path.relpath(run_dir, sweep.path) if run_dir and os.path.isabs(str(run_dir)) else run_dir
-        rest = header[2 + len(sweep.hparams) :]
-        rows.append([r.get("trial"), *(r.get(h) for h in sweep.hparams), rel, *(r.get(k) for k in rest)])
-    return header, rows

@@ -7,8 +7,10 @@
 The work is :func:`flatlit.analysis.sweep_report.analyze`: it reads every finished trial of a sweep and writes to
 ``--output`` (default ``SWEEP_DIR/analysis``) ``trials.csv``/``.md``, ``correlations.csv``/``.md`` (Kendall's τ-b,
 Jiang et al.'s granulated τ and Spearman's ρ per measure and target, with bootstrap intervals), the figures
-``scatter_<target>.png``, ``tau_<target>.png``, ``psi_<target>.png`` and ``summary.json``. Bad input is one
-``flatlit: error: ...`` line (exit code 2).
+``scatter_<target>.png``, ``tau_<target>.png``, ``psi_<target>.png`` and ``summary.json``. The bootstrap reports
+its progress on stderr: a bar with its ETA on a terminal, one line per measure otherwise. Bad input is one
+``flatlit: error: ...`` line (exit code 2). In Python, the same tables are DataFrames:
+:func:`flatlit.analysis.sweep_frame` and :func:`flatlit.analysis.correlation_table`.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             opts.color_by,
             opts.average,
             opts.converged_only,
+            progress=True,
         )
     except FlatlitError as err:
         sys.stderr.write(f"flatlit: error: {err}\n")

@@ -10,8 +10,9 @@ straight line between two checkpoints) and ``eigen`` (the top-k Hessian eigenvec
 :func:`flatlit.runs.landscape.compute_landscapes`, whose docstring tells the details: results go to
 ``RUN/landscapes/<mode>_<checkpoint>_<hash of the arguments>.npz`` (or ``--output``) with the directions and the
 figures beside it, rewritten every ``--save_every`` points so that rerunning the same command after a kill continues
-where it stopped. ``--alphas a:b:n`` is ``n`` evenly spaced points from a to b (both included). Bad input is one
-``flatlit: error: ...`` line (exit code 2).
+where it stopped; the curves and figures are also shown in the run's TensorBoard under ``landscape/`` (the layout:
+:mod:`flatlit.runs.landscape`). ``--alphas a:b:n`` is ``n`` evenly spaced points from a to b (both included). Bad
+input is one ``flatlit: error: ...`` line (exit code 2).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 
 The work is :func:`flatlit.runs.measure.measure_checkpoint`: the model and data are rebuilt from the run's saved
 ``config.yaml`` (``--config`` to pass another) and each measure runs on a fixed seeded sample of the training split;
-results are cached in ``measures.json`` beside the checkpoint. Bad input is one ``flatlit: error: ...`` line (exit
-code 2).
+results are cached in ``measures.json`` beside the checkpoint and shown in the run's TensorBoard as
+``measures/<label>`` at the checkpoint's global step (:mod:`flatlit.runs.tensorboard`). Bad input is one
+``flatlit: error: ...`` line (exit code 2).
 """
 
 from __future__ import annotations

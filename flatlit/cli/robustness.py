@@ -8,8 +8,9 @@ The work is :func:`flatlit.runs.robustness.evaluate_robustness` (its module tell
 batches): on one fixed seeded sample of the test split, the clean accuracy and loss, the accuracy under weight noise
 of each kind and scale (``--draws`` networks each) and the robust accuracy under each attack and ε (``--eps`` for the
 L∞ attacks fgsm and pgd_linf, ``--eps_l2`` for pgd_l2, in [0, 1] pixel units). See docs/robustness.md. Results are
-cached in ``robustness.json`` beside the checkpoint; a second call computes only what is missing. Bad input is one
-``flatlit: error: ...`` line (exit code 2).
+cached in ``robustness.json`` beside the checkpoint (a second call computes only what is missing) and shown in the
+run's TensorBoard under ``robustness/`` with both figures (the layout: :mod:`flatlit.runs.robustness`). Bad input is
+one ``flatlit: error: ...`` line (exit code 2).
 """
 
 from __future__ import annotations

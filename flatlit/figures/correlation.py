@@ -7,10 +7,11 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from flatlit.analysis.correlation import TargetResult, nuisance_keys
 from flatlit.analysis.formatting import value_labels
-from flatlit.analysis.sweep_table import finite_or_nan
+from flatlit.analysis.sweep_table import finite_or_nan, numeric
 from flatlit.figures import style
 
 #: short axis labels of the targets (the figure titles give the long form)
@@ -53,10 +54,10 @@ def _hue(values: list[Any]) -> tuple[list[Any], dict[Any, str]] | None:
     return distinct, {repr(v): style.color(i) for i, v in enumerate(distinct)}
 
 
-def scatter_figure(rows: list[dict[str, Any]], res: TargetResult, color_by: str | None, names: dict[str, str]):
-    """Measure (x) vs target (y), one panel per measure in the order of ``res`` (at most 4 per row), points
-    coloured by ``color_by``; log x where a measure spans more than 1.5 decades; τ, its interval and Ψ in each
-    panel's title."""
+def scatter_figure(frame: pd.DataFrame, res: TargetResult, color_by: str | None, names: dict[str, str]):
+    """Measure (x) vs target (y) over the rows of ``frame`` (the trials, or the points ``res`` was computed on), one
+    panel per measure in the order of ``res`` (at most 4 per row), points coloured by column ``color_by``; log x
+    where a measure spans more than 1.5 decades; τ, its interval and Ψ in each panel's title."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm, Normalize
@@ -65,13 +66,13 @@ def scatter_figure(rows: list[dict[str, Any]], res: TargetResult, color_by: str 
     from matplotlib.ticker import LogLocator
 
     target = res.target.removeprefix("final/")
-    y = np.array([finite_or_nan(r.get(res.target)) for r in rows])
+    y = numeric(frame, res.target)
     pct = _percent(target, y)
     y = y * 100 if pct else y
     n = len(res.results)
     ncols = min(4, n)
     nrows = (n + ncols - 1) // ncols
-    hue_vals = [r.get(color_by) for r in rows] if color_by else None
+    hue_vals = frame[color_by].tolist() if color_by else None
     hue = _hue(hue_vals) if hue_vals is not None else None
     with matplotlib.rc_context(style.STYLE):
         fig = Figure(figsize=(3.3 * ncols + 0.6, 2.9 * nrows + 1.0), dpi=style.DPI, layout="constrained")
@@ -85,7 +86,7 @@ def scatter_figure(rows: list[dict[str, Any]], res: TargetResult, color_by: str 
         last = None
         for k, (m, c, missing) in enumerate(res.results):
             ax = fig.add_subplot(nrows, ncols, k + 1)
-            x = np.array([finite_or_nan(r.get(m)) for r in rows])
+            x = numeric(frame, m)
             ok = np.isfinite(x) & np.isfinite(y)
             if hue is not None:
                 distinct, colours = hue

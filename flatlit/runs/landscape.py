@@ -21,6 +21,17 @@ file is rewritten every ``--save_every`` points: rerunning the same command afte
 stopped. Other arguments give another default file name (the hash), hence a fresh file; an ``--output`` written
 with other arguments is an error naming the first difference (``--recompute`` overwrites it). The arguments are
 those of the command (:class:`LandscapeOptions`); bad ones raise one :class:`~flatlit.utils.errors.ConfigError`.
+Progress goes to stderr: a bar with an ETA on a terminal, else a line every 10 s (points done, elapsed, ETA).
+
+The results also go to the TensorBoard of the (first) checkpoint's run (:mod:`flatlit.runs.tensorboard`; one stderr
+line instead when the run has none). ``<kind>`` is the mode (``line``, ``plane``, ``interpolate``) or, in eigen mode,
+``eigen_e1``, ``eigen_e2``, ...; a later call of the same kind replaces every value of its tags:
+
+- ``landscape/<kind>/loss``, ``landscape/<kind>/alpha`` and, where the module gives an accuracy,
+  ``landscape/<kind>/acc``: a 1-D curve (not a plane), with step = the index i of α along the curve (0 .. n−1),
+  so ``alpha`` at step i is the α of the loss at step i;
+- images at the checkpoint's global step (unless ``no_plot``): ``landscape/<kind>`` (the line, or the plane's
+  contours), ``landscape/plane_3d`` (the plane's surface) and ``landscape/eigen`` (the eigen lines overlaid).
 """
 
 from __future__ import annotations
@@ -292,7 +303,8 @@ def compute_landscapes(opts: LandscapeOptions) -> LandscapeOutput:
         jobs.append((output, directions, {**meta, "labels": labels}))
     out = LandscapeOutput()
     written, figures = out.results, out.figures
-    for path, dirs, info in jobs:
+    images: list[tuple[str, str]] = []  # (TensorBoard tag, PNG path)
+    for j, (path, dirs, info) in enumerate(jobs):
         progress = _Progress(f"landscape {os.path.basename(path)}")
         try:
             result = compute_surface(
@@ -316,10 +328,13 @@ def compute_landscapes(opts: LandscapeOptions) -> LandscapeOutput:
         finally:
             progress.close()
         written.append(path)
+        kind = f"eigen_e{j + 1}" if opts.mode == "eigen" else opts.mode
         if not opts.no_plot:
             from flatlit.figures.landscape import plot_landscape_file
 
-            figures += plot_landscape_file(path, f"{os.path.splitext(path)[0]}.png")
+            pngs = plot_landscape_file(path, f"{os.path.splitext(path)[0]}.png")
+            figures += pngs
+            images += zip((f"landscape/{kind}", f"landscape/{kind}_3d"), pngs)
         out.surfaces.append(result)
     if opts.mode == "eigen" and not opts.no_plot and len(written) > 1:
         from flatlit.figures.landscape import plot_lines
@@ -327,7 +342,31 @@ def compute_landscapes(opts: LandscapeOptions) -> LandscapeOutput:
         lams = directions.meta.get("eigenvalues") or []
         labels = [f"e{i + 1}" + (f" (λ = {lams[i]:.3g})" if i < len(lams) else "") for i in range(len(written))]
         figures.append(plot_lines(written, labels, f"{os.path.splitext(output)[0]}_eigen.png"))
+        images.append(("landscape/eigen", figures[-1]))
+    _to_tensorboard(opts, out, images)
     return out
+
+
+def _to_tensorboard(opts: LandscapeOptions, out: LandscapeOutput, images: list[tuple[str, str]]) -> None:
+    """The call's curves and figures in the run's TensorBoard, in the layout of the module docstring."""
+    from flatlit.runs.tensorboard import PosthocBoard
+
+    board = PosthocBoard("landscape", opts.ckpt_path[0], trust=opts.trust_code, replace="tag")
+    if board.available:
+        for j, result in enumerate(out.surfaces):
+            if result.ndim != 1:
+                continue
+            tag = f"landscape/{f'eigen_e{j + 1}' if opts.mode == 'eigen' else opts.mode}"
+            with_acc = bool(np.isfinite(result.acc).any())
+            for i in np.flatnonzero(result.done):
+                board.scalar(f"{tag}/loss", result.loss[i], step=i)
+                board.scalar(f"{tag}/alpha", result.alphas[i], step=i)
+                if with_acc:
+                    board.scalar(f"{tag}/acc", result.acc[i], step=i)
+        for tag, png in images:
+            with open(png, "rb") as f:
+                board.png(tag, f.read())
+    board.write(", ".join(os.path.basename(p) for p in out.results))
 
 
 _NORM_WORDS = {

@@ -5,6 +5,11 @@ weights are loaded, and each measure runs on a fixed seeded sample of the traini
 ``seed``; the evaluation transform). Results go to ``measures.json`` beside the checkpoint after every measure, keyed
 by (checkpoint content, measure, settings, sample): a second call computes only what is missing, and a call killed
 half-way keeps what it finished. Progress goes to stderr (a bar on a terminal, a line per measure in a log file).
+
+The results of the call (cached and new) also go to the run's TensorBoard (:mod:`flatlit.runs.tensorboard`; one
+stderr line instead when the run has none), at the checkpoint's global step: ``measures/<label>`` (the value; ``inf``
+and ``nan`` as they are) and ``measures/<label>_se`` (its standard error, where the measure gives one). The label is
+the key of the results (a preset's name for a measure, or a ``--settings`` label), not necessarily the measure's name.
 """
 
 from __future__ import annotations
@@ -210,7 +215,20 @@ def measure_checkpoint(opts: MeasureOptions) -> tuple[dict[str, Any], dict[str, 
         write_json(output, cache)
     bar.close()
     write_json(output, cache)
+    _to_tensorboard(opts, done, output)
     return done, skipped, output
+
+
+def _to_tensorboard(opts: MeasureOptions, done: dict[str, Any], output: str) -> None:
+    """``measures/<label>`` and ``measures/<label>_se`` at the checkpoint's global step, in the run's TensorBoard."""
+    from flatlit.runs.tensorboard import PosthocBoard
+
+    board = PosthocBoard("measure", opts.ckpt_path, trust=opts.trust_code)
+    for label, entry in done.items():
+        board.scalar(f"measures/{label}", entry["value"])
+        if entry.get("std_error") is not None:
+            board.scalar(f"measures/{label}_se", entry["std_error"])
+    board.write(os.path.basename(output))
 
 
 def _run_records(ckpt_path: str) -> dict[str, Any]:

@@ -15,9 +15,22 @@ logits the accuracy counts: on other batches (e.g. a sequence-to-sequence task's
 error (one line), and the default attacks are skipped with one line each.
 
 Results go to ``robustness.json`` beside the checkpoint after every entry, cached by (checkpoint content, entry,
-sample): a second call computes only what is missing, and a call killed half-way keeps what it finished. The
+sample): a second call computes only what is missing, and a call killed half-way keeps what it finished. Progress
+goes to stderr: a bar with an ETA on a terminal, else one line per computed entry with its time and the ETA. The
 arguments are those of the command (:class:`RobustnessOptions`); bad ones raise one
 :class:`~flatlit.utils.errors.ConfigError`.
+
+The results of the call (cached and new) also go to the run's TensorBoard (:mod:`flatlit.runs.tensorboard`; one
+stderr line instead when the run has none), every value at the checkpoint's global step, one tag per scale and ε (so
+the checkpoints of a run make curves over training, and the scales need no step of their own):
+
+- ``robustness/clean/acc``, ``robustness/clean/loss``: the clean sample;
+- ``robustness/<kind>_noise/scale_<s>/acc``, ``.../acc_std``, ``.../loss``: weight noise of kind ``uniform`` or
+  ``multiplicative`` at scale ``s`` (``%g``): the mean accuracy over the draws, its std, the mean loss;
+- ``robustness/<attack>/eps_<ε>/acc``: the robust accuracy under ``fgsm``, ``pgd_linf`` or ``pgd_l2`` at ``ε``
+  (``%g``, pixel units);
+- images ``robustness/weight_noise`` and ``robustness/adversarial``: the report's two figures
+  (:mod:`flatlit.figures.robustness`), where the call has entries of that part.
 """
 
 from __future__ import annotations
@@ -231,15 +244,19 @@ def evaluate_robustness(opts: RobustnessOptions) -> tuple[dict[str, Any], str]:
 
     tty = sys.stderr.isatty()  # a bar on a terminal, a line per entry in a log file
     bar = tqdm(total=len(plan), desc="robustness", unit="entry", file=sys.stderr, disable=not tty)
+    todo, done, spent = sum(k not in cache for k in keys), 0, 0.0  # the ETA counts the entries to compute only
     for i, (item, key) in enumerate(zip(plan, keys)):
         entry = cache.get(key)
         if entry is None:
             bar.set_description(f"robustness ({_describe(item)})")
             start = time.perf_counter()
             entry = cache[key] = _compute(item, inputs, opts)
+            seconds = time.perf_counter() - start
+            todo, done, spent = todo - 1, done + 1, spent + seconds
             if not tty:
+                eta = spent / done * todo
                 sys.stderr.write(
-                    f"robustness {i + 1}/{len(plan)}: {_describe(item)} ({time.perf_counter() - start:.1f} s)\n"
+                    f"robustness {i + 1}/{len(plan)}: {_describe(item)} ({seconds:.1f} s, ETA {eta:.0f} s)\n"
                 )
         if item["part"] == "clean":
             result["clean"] = entry
@@ -248,4 +265,44 @@ def evaluate_robustness(opts: RobustnessOptions) -> tuple[dict[str, Any], str]:
         write_json(output, result)
         bar.update(1)
     bar.close()
+    _to_tensorboard(opts, result, output)
     return result, output
+
+
+def _to_tensorboard(opts: RobustnessOptions, result: dict[str, Any], output: str) -> None:
+    """The call's results in the run's TensorBoard, in the layout of the module docstring."""
+    import numpy as np
+
+    from flatlit.figures.robustness import Attack, NoiseCurve, adversarial_figure, weight_noise_figure
+    from flatlit.runs.tensorboard import PosthocBoard
+
+    board = PosthocBoard("robustness", opts.ckpt_path, trust=opts.trust_code)
+    if board.available:
+        clean = result["clean"] or {}
+        for key in ("acc", "loss"):
+            if key in clean:
+                board.scalar(f"robustness/clean/{key}", clean[key])
+        for e in result["weight_noise"]:
+            tag = f"robustness/{e['kind']}_noise/scale_{e['scale']:g}"
+            for name, key in (("acc", "acc_mean"), ("acc_std", "acc_std"), ("loss", "loss_mean")):
+                board.scalar(f"{tag}/{name}", e[key])
+        for e in result["adversarial"]:
+            board.scalar(f"robustness/{e['attack']}/eps_{e['eps']:g}/acc", e["robust_acc"])
+        label = os.path.splitext(os.path.basename(opts.ckpt_path))[0]
+
+        def column(entries: list[dict[str, Any]], key: str) -> np.ndarray:
+            return np.array([float(e[key]) for e in entries], dtype=float)
+
+        curves, attacks = [], []
+        for kind in dict.fromkeys(e["kind"] for e in result["weight_noise"]):
+            es = sorted((e for e in result["weight_noise"] if e["kind"] == kind), key=lambda e: e["scale"])
+            std = np.nan_to_num(column(es, "acc_std"))
+            curves.append(NoiseCurve(label, kind, column(es, "scale"), column(es, "acc_mean"), std, clean.get("acc")))
+        for attack in dict.fromkeys(e["attack"] for e in result["adversarial"]):
+            es = sorted((e for e in result["adversarial"] if e["attack"] == attack), key=lambda e: e["eps"])
+            attacks.append(Attack(label, attack, column(es, "eps"), column(es, "robust_acc"), 0, clean.get("acc")))
+        if curves:
+            board.figure("robustness/weight_noise", weight_noise_figure(curves))
+        if attacks:
+            board.figure("robustness/adversarial", adversarial_figure(attacks))
+    board.write(os.path.basename(output))

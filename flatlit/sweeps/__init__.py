@@ -5,6 +5,7 @@
 - :mod:`flatlit.sweeps.validate`: checks against the LightningCLI parser before any trial starts;
 - :mod:`flatlit.sweeps.trial`: one trial's commands, files and attempt;
 - :mod:`flatlit.sweeps.study`: the Optuna journal of attempts and ``results.csv``;
+- :mod:`flatlit.sweeps.hparams`: each finished trial in TensorBoard's HParams dashboard;
 - :mod:`flatlit.sweeps.local` / :mod:`flatlit.sweeps.slurm`: the executors.
 
 Kept free of imports: submitit jobs unpickle :mod:`flatlit.sweeps.slurm` before they start a trial.

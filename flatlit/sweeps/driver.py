@@ -6,9 +6,10 @@ final_metrics.json), then ``flatlit measure`` on its final checkpoint when the s
 adds a GeneralizationTargets callback (final train/test metrics over the full splits in eval mode; optional stopping
 rule) and, when the base config has none, a ModelCheckpoint with ``save_last``. Rerunning the same command skips
 finished trials, continues interrupted ones from their checkpoint and retries failed ones (up to ``--retries`` times
-per run). Attempts are recorded in an Optuna study (``study.log``); finished trials are rows of ``results.csv``.
-Bad input is refused before any trial starts: one :class:`~flatlit.utils.errors.ConfigError` naming the key.
-docs/sweeps.md has the file format and the results' columns.
+per run). Attempts are recorded in an Optuna study (``study.log``); finished trials are rows of ``results.csv`` and
+sessions of TensorBoard's HParams tab (:mod:`flatlit.sweeps.hparams`). Bad input is refused before any trial
+starts: one :class:`~flatlit.utils.errors.ConfigError` naming the key. docs/sweeps.md has the file format and the
+results' columns.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Sweep:
         self._rows: dict[str, Any] = {}  # results.csv rows already read
         self._written = 0.0
         self.write_every_s = 0.0 if len(self.trials) <= 100 else 10.0
+        self.bar: Any = None  # a tqdm bar over the trials on a terminal (start_bar)
 
     # ---- planning -------------------------------------------------------------------------------------------------
     def additions(self, trial_id: str, has_save_last: bool, has_generalization: bool) -> list[str]:
@@ -87,7 +89,13 @@ class Sweep:
         run_dir = os.path.join(self.spec.output, "trials", trial_id)
         logger = {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": self.spec.output, "name": "trials", "version": trial_id},
+            # no hp_metric = -1 placeholder: the trial's hparams and results are written once it finished
+            "init_args": {
+                "save_dir": self.spec.output,
+                "name": "trials",
+                "version": trial_id,
+                "default_hp_metric": False,
+            },
         }
         args = [
             f"--trainer.logger={cli_value(logger)}",
@@ -155,8 +163,27 @@ class Sweep:
         return flags
 
     # ---- the Driver protocol of the executors ---------------------------------------------------------------------
+    def start_bar(self, done: int) -> None:
+        """On a terminal, a tqdm bar over the trials (ETA from the trials finished in this run) below the event
+        lines, in place of the progress line after each trial; elsewhere (a log file) that line stays."""
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=len(self.trials), initial=done, desc=f"sweep {self.spec.name}", unit="trial", file=sys.stderr
+            )
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def say(self, line: str) -> None:
-        sys.stdout.write(f"[{_clock(time.time() - self.start_time)}] {line}\n")
+        text = f"[{_clock(time.time() - self.start_time)}] {line}"
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+            return
+        sys.stdout.write(f"{text}\n")
         sys.stdout.flush()
 
     def describe(self, params: dict[str, Any]) -> str:
@@ -226,6 +253,10 @@ class Sweep:
 
     def progress(self) -> None:
         c = self.counts()
+        if self.bar is not None:
+            self.bar.update(c["done"] + c["failed"] - self.bar.n)
+            self.bar.set_postfix_str(f"{c['running']} running, {c['failed']} failed", refresh=True)
+            return
         elapsed = time.time() - self.start_time
         left = c["pending"] + c["running"]
         eta = "?"
@@ -359,9 +390,12 @@ def run_sweep(opts: SweepOptions) -> dict[str, Any] | None:
         interrupted = False
         try:
             if todo:
+                sweep.start_bar(c["done"])
                 executor.run(todo, sweep, **({"adopt": adopt} if opts.executor == "slurm" else {}))
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            sweep.close_bar()
         path, rows = sweep.write_results() or ("", 0)
     c = sweep.counts()
     summary = {

@@ -6,7 +6,8 @@ categorical distributions, random-search keys with their float/int/categorical d
 ``trial_id``, ``params_key``, ``params``, ``run_dir``, ``attempt``, ``status``; it ends COMPLETE (value:
 ``final/test_acc``) with ``final`` (the final metrics), or FAIL with ``status`` ``failed`` and ``failure`` (the
 trial's last error line) or ``interrupted`` (the sweep stopped while it ran). The latest attempt of a trial says
-where it stands. Only the sweep's driver writes the journal.
+where it stands. Only the sweep's driver writes the journal. Reading a finished trial's row also writes its
+TensorBoard hparams file (:mod:`flatlit.sweeps.hparams`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import csv
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import optuna
@@ -197,6 +199,32 @@ def result_row(spec: SweepSpec, trial: Trial, trial_id: str, attempt: FrozenTria
     return row
 
 
+def write_hparams(spec: SweepSpec, trial: Trial, row: dict[str, Any], attempt: FrozenTrial) -> str | None:
+    """The finished trial's hyperparameters and its row's metrics in its run directory, for TensorBoard's HParams
+    dashboard (:mod:`flatlit.sweeps.hparams`); a file that cannot be written is a warning, not a failed sweep."""
+    from flatlit.sweeps.hparams import write_trial_hparams
+
+    # the measures under the tags `flatlit measure` logs them in the run (measures/<label>), so each has one series
+    tags = [*FINAL_KEYS, *(f"measures/{n}" for n in spec.measure_labels)]
+    metrics = {**row, **{f"measures/{n}": row.get(f"measure/{n}") for n in spec.measure_labels}}
+    step = row.get("final/global_step")
+    run_dir = os.path.join(spec.output, row["run_dir"])
+    try:
+        return write_trial_hparams(
+            spec,
+            trial.params,
+            run_dir,
+            tags,
+            metrics,
+            step if isinstance(step, int) and not isinstance(step, bool) else 0,
+            attempt.user_attrs.get("started"),
+            attempt.user_attrs.get("seconds"),
+        )
+    except OSError as err:
+        sys.stderr.write(f"warning: {run_dir}: TensorBoard hparams not written ({err})\n")
+        return None
+
+
 def write_results(
     spec: SweepSpec,
     trials: list[Trial],
@@ -204,7 +232,8 @@ def write_results(
     latest: dict[str, FrozenTrial],
     cache: dict[str, tuple[int, dict[str, Any]]] | None = None,
 ) -> tuple[str, int]:
-    """Rewrite ``results.csv`` (atomically): one row per finished trial of the sweep file, in trial order.
+    """Rewrite ``results.csv`` (atomically): one row per finished trial of the sweep file, in trial order; a row
+    read anew also (re)writes the trial's TensorBoard hparams file (:func:`write_hparams`).
 
     ``cache`` (trial id -> (attempt number, row)) keeps rows already read, so a long sweep reads each trial's files
     once. Returns the path and the number of rows.
@@ -220,6 +249,7 @@ def write_results(
             row = result_row(spec, trial, tid, attempt)
             if row is None:
                 continue
+            write_hparams(spec, trial, row, attempt)
             cache[tid] = (attempt.number, row)
         rows.append(cache[tid][1])
     columns = [
