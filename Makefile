@@ -83,16 +83,26 @@ $(DEMO)/%/version_0/.done: experiments/demo/fashion_mnist_%.yaml | env fashion-m
 	@touch $@
 
 test: env
-	$(VENV)/bin/ruff check flatlit tests benchmarks
-	$(VENV)/bin/ruff format --check flatlit tests benchmarks
+	$(VENV)/bin/ruff check flatlit tests benchmarks experiments
+	$(VENV)/bin/ruff format --check flatlit tests benchmarks experiments
 	$(PY) -m pytest -q
 
 lint: env
-	$(VENV)/bin/ruff check flatlit tests benchmarks
-	$(VENV)/bin/ruff format --check flatlit tests benchmarks
+	$(VENV)/bin/ruff check flatlit tests benchmarks experiments
+	$(VENV)/bin/ruff format --check flatlit tests benchmarks experiments
 
 bench: env fashion-mnist
 	$(PY) benchmarks/epoch_time.py --json
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
+
+# Reproductions (experiments/reproductions/<name>/, one claim each): the runs of its sweep.yaml (resumable: a second
+# call reuses finished trials and resumes interrupted ones), then its analyze.py (figure, numbers and
+# runs/reproductions/<name>/verdict.json). `make reproduce` runs them all; each takes at most ~15 min on 2 CPU cores.
+REPRODUCTIONS := $(notdir $(patsubst %/,%,$(wildcard experiments/reproductions/*/)))
+.PHONY: reproduce $(addprefix reproduce-,$(REPRODUCTIONS))
+reproduce: $(addprefix reproduce-,$(REPRODUCTIONS))
+$(addprefix reproduce-,$(REPRODUCTIONS)): reproduce-%: env fashion-mnist
+	$(FLATLIT) sweep --config experiments/reproductions/$*/sweep.yaml --workers 2
+	$(PY) experiments/reproductions/$*/analyze.py

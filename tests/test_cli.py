@@ -14,6 +14,7 @@ CONFIGS = sorted(
     if os.sep + "_base" + os.sep not in p
     # sweep files are `flatlit sweep` input (tests/test_sweep.py); their base experiments are checked here
     and os.path.dirname(p) != os.path.join(ROOT, "experiments", "sweeps")
+    and os.path.basename(p) != "sweep.yaml"  # a reproduction's sweep (tests/reproductions/)
 )
 
 

@@ -7,6 +7,8 @@ saved at a fixed size and dpi without a timestamp, so the same inputs give the s
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -56,7 +58,9 @@ def new_figure(size: tuple[float, float] = SINGLE, ncols: int = 1) -> tuple[Figu
 
 
 def save(fig: Figure, path: str) -> str:
-    """Write ``fig`` as a PNG of exactly figsize × DPI pixels, without metadata that would change between runs."""
+    """Write ``fig`` as a PNG of exactly figsize × DPI pixels, without metadata that would change between runs (the
+    folder is created when missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with matplotlib.rc_context(STYLE):
         fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
     return path
