@@ -193,7 +193,10 @@ def lines_figure(paths: Sequence[LandscapeResult | str], labels: Sequence[str] |
     if all(_log_ok(r.loss) for r in results):
         _log_axis(axes[0], np.concatenate([r.loss for r in results]))
     axes[0].set_ylabel("training loss")
-    axes[0].legend(fontsize=9)
+    if show_acc:  # the accuracies sit near the top of their panel: the legend goes below them, off the curves
+        axes[1].legend(fontsize=9, loc="lower center", ncols=min(len(results), 3))
+    else:
+        axes[0].legend(fontsize=9)
     kind = "interpolation" if results[0].meta.get("mode") == "interpolate" else "1-D loss landscape"
     axes[0].set_title(f"{kind} of each solution ({_title(results[0])})", fontsize=11)
     if show_acc:

@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from flatlit.figures.style import DPI, STYLE, WIDE, color, new_figure
 
@@ -57,7 +58,12 @@ def groups_figure(
             if iv is not None:
                 err = [[iv["mean"] - iv["low"]], [iv["high"] - iv["mean"]]]
                 ax.errorbar([i + 0.15], [iv["mean"]], yerr=err, fmt="s", color=color(i), capsize=4, ms=5, zorder=4)
-        ax.set_xticks(range(len(groups)), groups)
+        ax.set_xticks(
+            range(len(groups)),
+            groups,
+            rotation=25 if len(groups) > 3 else 0,
+            ha="right" if len(groups) > 3 else "center",
+        )
         ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.set(xlabel=group_label, ylabel=label)
     fig.suptitle(title + "  (dots: seeds; squares: mean with 95 % t-interval)")
@@ -105,6 +111,10 @@ def series_figure(
                     xs, ys = series[col][name]
                     ax.plot(xs, ys, "o-", color=color(j), label=name, ms=4)
             ax.set_xscale("log")
+            xs_all = sorted({float(x) for name in series[col] for x in series[col][name][0]})
+            if 0 < len(xs_all) <= 8 and xs_all[0] > 0:  # few x values (sizes): label exactly those
+                ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set(xlabel=x_label, ylabel=labels.get(col, col), title=labels.get(col, col))
             if i == 0:
                 ax.legend()
