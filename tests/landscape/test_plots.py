@@ -75,7 +75,8 @@ def test_plot_lines_overlays_results(tmp_path):
     out = plot_lines([sgd, sam], ["SGD", "SAM"], str(tmp_path / "cmp.png"))
     assert os.path.isfile(out) and is_png(out)
     fig = lines_figure([sgd, sam], ["SGD", "SAM"])
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["SGD", "SAM"]
+    legend = fig.axes[-1].get_legend()  # under the accuracy curves when there are accuracies, else on the loss panel
+    assert [t.get_text() for t in legend.get_texts()] == ["SGD", "SAM"]
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), 2.0 * (0.2 + np.linspace(-1, 1, 5) ** 2))
     with pytest.raises(ValueError, match="2 results but 1 labels"):
         plot_lines([sgd, sam], ["x"], str(tmp_path / "bad.png"))
