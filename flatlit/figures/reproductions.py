@@ -95,9 +95,10 @@ def series_figure(
     x_label: str,
     title: str,
     ncols: int = 3,
+    xlog: bool = True,
 ) -> Figure:
     """A grid of panels, one per column of ``series`` (``series[column][line] = (xs, ys)``), each with one coloured
-    line per ``line`` (the same colour in every panel), x on a log scale."""
+    line per ``line`` (the same colour in every panel), x on a log scale (``xlog``) or linear."""
     columns = list(series)
     rows = (len(columns) + ncols - 1) // ncols
     fig = Figure(figsize=(3.6 * ncols, 3.0 * rows), dpi=DPI, layout="constrained")
@@ -110,14 +111,16 @@ def series_figure(
                 if name in series[col]:
                     xs, ys = series[col][name]
                     ax.plot(xs, ys, "o-", color=color(j), label=name, ms=4)
-            ax.set_xscale("log")
             xs_all = sorted({float(x) for name in series[col] for x in series[col][name][0]})
-            if 0 < len(xs_all) <= 8 and xs_all[0] > 0:  # few x values (sizes): label exactly those
+            if xlog:
+                ax.set_xscale("log")
+            if xlog and 0 < len(xs_all) <= 8 and xs_all[0] > 0:  # few x values (sizes): label exactly those
                 ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
                 ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set(xlabel=x_label, ylabel=labels.get(col, col), title=labels.get(col, col))
             if i == 0:
-                ax.legend()
+                handles, names = ax.get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=len(lines))  # below the panels, off the curves
         fig.suptitle(title)
     return fig
 

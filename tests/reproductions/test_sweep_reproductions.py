@@ -79,7 +79,12 @@ def test_sharpest_directions(tmp_path, mnist_dir):
         "lr_0.05_gamma_1",
         "lr_0.05_gamma_0.1",
     }
-    assert set(verdict["numbers"]["checks"]) == {"a_peak_before_end", "b_larger_lr_lower_peak", "c_nsgd_sharper"}
+    assert set(verdict["numbers"]["checks"]) == {
+        "a_peak_before_end",
+        "b_larger_lr_lower_peak",
+        "c_nsgd_sharper",
+        "c_nsgd_worse_test_acc",
+    }
 
 
 def test_measure_ranking(tmp_path, mnist_dir):
