@@ -60,7 +60,8 @@ def new_figure(size: tuple[float, float] = SINGLE, ncols: int = 1) -> tuple[Figu
 def save(fig: Figure, path: str) -> str:
     """Write ``fig`` as a PNG of exactly figsize × DPI pixels, without metadata that would change between runs (the
     folder is created when missing)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if isinstance(path, (str, os.PathLike)):  # (a file object, e.g. a BytesIO for TensorBoard, is written as it is)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with matplotlib.rc_context(STYLE):
         fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
     return path
