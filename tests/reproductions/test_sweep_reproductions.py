@@ -72,7 +72,7 @@ def test_sharpest_directions(tmp_path, mnist_dir):
         cfg["trainer"]["callbacks"][0]["init_args"].update(num_samples=32, batch_size=32)
         cfg["model"]["init_args"].update(num_samples=32, arch_kwargs={"filters": 4, "kernel_size": 5})
 
-    verdict = run_tiny(tmp_path, "sharpest_directions", tiny)
+    verdict = run_tiny(tmp_path, "sharpest_directions", tiny, fewer(seeds=2, measures_samples=32))
     assert set(verdict["numbers"]["runs"]) == {
         "lr_0.01_gamma_1",
         "lr_0.01_gamma_0.1",
