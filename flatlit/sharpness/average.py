@@ -30,10 +30,12 @@ from flatlit.sharpness.worst_case import check_bool, check_int, check_positive, 
 Scale = Callable[[torch.Tensor], torch.Tensor | float]  # parameter -> standard deviation of its noise
 
 
-def noisy_losses(inputs: MeasureInputs, std: Scale, draws: int, seed: int) -> list[float]:
-    """The sample loss at w + δ_k for k = 1..draws, δ_k,i = s_i·z_k,i with z from ``generator(seed)`` drawn in
+def noisy_values(
+    inputs: MeasureInputs, std: Scale, draws: int, seed: int, evaluate: Callable[[], float]
+) -> list[float]:
+    """``evaluate()`` at w + δ_k for k = 1..draws, δ_k,i = s_i·z_k,i with z from ``generator(seed)`` drawn in
     (draw, parameter) order; the same seed gives the same z whatever ``std`` is (common random numbers).
-    Cost: ``draws`` forward passes."""
+    Cost: ``draws`` evaluations (forward passes for the sample loss or accuracy)."""
     params = inputs.params
     scales = [std(p.detach()) for p in params]
     gen = generator(seed)
@@ -41,8 +43,13 @@ def noisy_losses(inputs: MeasureInputs, std: Scale, draws: int, seed: int) -> li
     for _ in range(draws):
         delta = [randn_like(p, gen) * s for p, s in zip(params, scales)]
         with perturbed(params, delta):
-            out.append(inputs.sample_loss())
+            out.append(evaluate())
     return out
+
+
+def noisy_losses(inputs: MeasureInputs, std: Scale, draws: int, seed: int) -> list[float]:
+    """The sample loss at w + δ_k for k = 1..draws (:func:`noisy_values`). Cost: ``draws`` forward passes."""
+    return noisy_values(inputs, std, draws, seed, inputs.sample_loss)
 
 
 def _gain_result(

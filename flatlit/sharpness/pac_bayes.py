@@ -62,16 +62,13 @@ from typing import Any
 
 import torch
 
-from flatlit.sharpness.average import Scale, noisy_losses
+from flatlit.sharpness.average import Scale, noisy_losses, noisy_values
 from flatlit.sharpness.base import (
     Cost,
     MeasureInputs,
     MeasureNotApplicable,
     MeasureResult,
     all_reduce_sum,
-    generator,
-    perturbed,
-    randn_like,
     register_measure,
     sample_size,
 )
@@ -148,17 +145,9 @@ def sample_accuracy(inputs: MeasureInputs, name: str) -> float:
 
 def noisy_accuracies(inputs: MeasureInputs, std: Scale, draws: int, seed: int, name: str) -> list[float]:
     """:func:`sample_accuracy` at θ + δ_k for k = 1..draws, with exactly the draws of
-    :func:`flatlit.sharpness.average.noisy_losses` (the same seed gives the same z whatever ``std`` is).
+    :func:`flatlit.sharpness.average.noisy_losses` (:func:`~flatlit.sharpness.average.noisy_values`).
     Cost: ``draws`` forward passes."""
-    params = inputs.params
-    scales = [std(p.detach()) for p in params]
-    gen = generator(seed)
-    out = []
-    for _ in range(draws):
-        delta = [randn_like(p, gen) * s for p, s in zip(params, scales)]
-        with perturbed(params, delta):
-            out.append(sample_accuracy(inputs, name))
-    return out
+    return noisy_values(inputs, std, draws, seed, lambda: sample_accuracy(inputs, name))
 
 
 def bisect_sigma(
