@@ -9,9 +9,11 @@ READMEs quote.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -100,3 +102,40 @@ def group_intervals(rows: Sequence[Mapping[str, Any]], by: str, columns: Sequenc
 def above(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     """Interval ``a`` lies entirely above interval ``b`` (a difference the seeds support)."""
     return a["low"] > b["high"]
+
+
+# ---- what every experiments/reproductions/<name>/analyze.py shares -------------------------------------------------
+def reproduction_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of a reproduction's ``analyze.py``: ``--sweep`` (the sweep's output, default
+    ``runs/reproductions/<name>/sweep``) and ``--output`` (verdict.json and figures, ``runs/reproductions/<name>``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--sweep", default=f"runs/reproductions/{name}/sweep", help="the sweep's output directory")
+    p.add_argument("--output", default=f"runs/reproductions/{name}", help="where verdict.json and the figures go")
+    return p
+
+
+def sweep_results(sweep: str, name: str):
+    """The finished trials of the reproduction's sweep as a DataFrame (:func:`~flatlit.analysis.sweep_table
+    .sweep_frame`); SystemExit with one line when the sweep has not run."""
+    from flatlit.analysis.sweep_table import sweep_frame
+
+    if not os.path.isfile(os.path.join(sweep, "results.csv")):
+        raise SystemExit(f"no results in {sweep}: run the sweep first (make reproduce-{name})")
+    return sweep_frame(sweep)
+
+
+def report_verdict(
+    output: str,
+    claim: str,
+    paper: str,
+    verdict: str,
+    numbers: Mapping[str, Any],
+    figures: Sequence[str],
+    shown: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`write_verdict`, then print ``shown`` (default: the numbers) as JSON and the verdict line; returns
+    ``{"verdict", "numbers"}`` (what the reproductions' ``main`` returns to their tests)."""
+    path = write_verdict(output, claim, paper, verdict, numbers, figures)
+    json.dump(numbers if shown is None else shown, sys.stdout, indent=1, default=str)
+    print(f"\nverdict: {verdict} ({path})")
+    return {"verdict": verdict, "numbers": numbers}

@@ -16,17 +16,14 @@ when that holds for some η; else *not reproduced*.
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import math
 import os
-import sys
 
 import numpy as np
 
 from flatlit.analysis.run_files import load_run
-from flatlit.analysis.verdict import write_verdict
+from flatlit.analysis.verdict import report_verdict, reproduction_parser
 from flatlit.figures.reproductions import eos_figure
 from flatlit.figures.style import save
 
@@ -95,9 +92,7 @@ def holds(n: dict[str, float]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/eos/sweep", help="the sweep's output directory")
-    p.add_argument("--output", default="runs/reproductions/eos", help="where verdict.json and the figure go")
+    p = reproduction_parser("eos", __doc__)
     args = p.parse_args(argv)
     trials = sorted(glob.glob(os.path.join(args.sweep, "trials", "*")))
     if not trials:
@@ -107,10 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ok = [holds(n) for n in numbers.values()]
     verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
     figure = save(eos_figure(series), os.path.join(args.output, "eos.png"))
-    path = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
-    json.dump(numbers, sys.stdout, indent=1)
-    print(f"\nverdict: {verdict} ({path})")
-    return {"verdict": verdict, "numbers": numbers, "figure": figure}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
 
 
 if __name__ == "__main__":

@@ -15,14 +15,11 @@ accuracy is not below SGD's interval. Verdict: *reproduced* when all four hold, 
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import sys
 
-from flatlit.analysis.sweep_table import sweep_frame
-from flatlit.analysis.verdict import above, group_intervals, write_verdict
+from flatlit.analysis.verdict import above, group_intervals, report_verdict, reproduction_parser, sweep_results
 from flatlit.figures.landscape import lines_figure
 from flatlit.figures.reproductions import groups_figure
 from flatlit.figures.style import save
@@ -67,13 +64,9 @@ def landscapes(frame, sweep: str, output: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/flat_optimizers/sweep", help="the sweep's output")
-    p.add_argument("--output", default="runs/reproductions/flat_optimizers", help="verdict.json and figures")
+    p = reproduction_parser("flat_optimizers", __doc__)
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.sweep, "results.csv")):
-        raise SystemExit(f"no results in {args.sweep}: run the sweep first (make reproduce-flat_optimizers)")
-    frame = sweep_frame(args.sweep)
+    frame = sweep_results(args.sweep, "flat_optimizers")
     frame["method"] = [method_of(c) for c in frame["model"]]
     intervals = group_intervals(frame.to_dict("records"), "method", list(COLUMNS))
     order = [m for m in NAMES.values() if m in intervals]
@@ -91,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     fig = groups_figure(points, named, panels, "", "Flat-minima optimizers vs SGD, 10 epochs (Fashion-MNIST, LeNet)")
     figures = [save(fig, os.path.join(args.output, "flat_optimizers.png")), landscapes(frame, args.sweep, args.output)]
     numbers = {"intervals": named, "claim_per_method": holds}
-    written = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, figures)
-    json.dump(numbers, sys.stdout, indent=1)
-    print(f"\nverdict: {verdict} ({written})")
-    return {"verdict": verdict, "numbers": numbers}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, figures)
 
 
 if __name__ == "__main__":

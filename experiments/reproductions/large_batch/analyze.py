@@ -17,13 +17,9 @@ at comparable training accuracy; *partly* when some of these hold; else *not rep
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
-from flatlit.analysis.sweep_table import sweep_frame
-from flatlit.analysis.verdict import above, group_intervals, write_verdict
+from flatlit.analysis.verdict import above, group_intervals, report_verdict, reproduction_parser, sweep_results
 from flatlit.figures.reproductions import groups_figure
 from flatlit.figures.style import save
 
@@ -40,13 +36,9 @@ COLUMNS = {
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/large_batch/sweep", help="the sweep's output directory")
-    p.add_argument("--output", default="runs/reproductions/large_batch", help="where verdict.json and figures go")
+    p = reproduction_parser("large_batch", __doc__)
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.sweep, "results.csv")):
-        raise SystemExit(f"no results in {args.sweep}: run the sweep first (make reproduce-large_batch)")
-    frame = sweep_frame(args.sweep)
+    frame = sweep_results(args.sweep, "large_batch")
     rows = frame.to_dict("records")
     intervals = group_intervals(rows, BATCH, list(COLUMNS))
     small, large = (str(b) for b in sorted(frame[BATCH].unique()))
@@ -79,10 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     fig = groups_figure(points, named, panels, "batch size", "Small vs large batch, same epochs (Fashion-MNIST, LeNet)")
     figure = save(fig, os.path.join(args.output, "large_batch.png"))
     numbers = {"small_batch": int(small), "large_batch": int(large), "intervals": named, "checks": checks}
-    written = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
-    json.dump(numbers, sys.stdout, indent=1)
-    print(f"\nverdict: {verdict} ({written})")
-    return {"verdict": verdict, "numbers": numbers}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
 
 
 if __name__ == "__main__":

@@ -18,14 +18,11 @@ or a step count is among the five best of Jiang's by Ψ; *partly* when one holds
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 from flatlit.analysis.correlation import correlation_table
-from flatlit.analysis.sweep_table import sweep_frame
-from flatlit.analysis.verdict import write_verdict
+from flatlit.analysis.verdict import report_verdict, reproduction_parser, sweep_results
 from flatlit.figures.reproductions import ranking_figure
 from flatlit.figures.style import save
 
@@ -53,14 +50,10 @@ def lpf_measures(sweep: str, run_dirs: list[str]) -> dict[str, dict[str, float]]
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/measure_ranking/sweep", help="the sweep's output")
-    p.add_argument("--output", default="runs/reproductions/measure_ranking", help="verdict.json and figures")
+    p = reproduction_parser("measure_ranking", __doc__)
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the intervals")
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.sweep, "results.csv")):
-        raise SystemExit(f"no results in {args.sweep}: run the sweep first (make reproduce-measure_ranking)")
-    frame = sweep_frame(args.sweep)
+    frame = sweep_results(args.sweep, "measure_ranking")
     jiang = [c for c in frame.columns if c.startswith("measure/")]
     extra = lpf_measures(args.sweep, frame["run_dir"].tolist())
     for label in LPF:
@@ -91,10 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "Psi": {m: float(t) for m, t in zip(table["measure"], table["Psi"])},
         "checks": checks,
     }
-    written = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
-    json.dump({k: numbers[k] for k in ("gap_range", "lpf_tau", "jiang_top5_by_Psi", "checks")}, sys.stdout, indent=1)
-    print(f"\nverdict: {verdict} ({written})")
-    return {"verdict": verdict, "numbers": numbers}
+    shown = {k: numbers[k] for k in ("gap_range", "lpf_tau", "jiang_top5_by_Psi", "checks")}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure], shown)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,13 @@ and SAM's minimum-sharpness interval lies below SGD's; *partly* when one of the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
-import json
 import os
-import sys
 
 import torch
 
-from flatlit.analysis.sweep_table import sweep_frame
-from flatlit.analysis.verdict import above, group_intervals, write_verdict
+from flatlit.analysis.verdict import above, group_intervals, report_verdict, reproduction_parser, sweep_results
 from flatlit.figures.reproductions import groups_figure, rescaling_figure
 from flatlit.figures.style import save
 
@@ -82,14 +78,10 @@ def rescaling(ckpt: str, num_samples: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/minimum_sharpness/sweep", help="the sweep's output")
-    p.add_argument("--output", default="runs/reproductions/minimum_sharpness", help="verdict.json and figures")
+    p = reproduction_parser("minimum_sharpness", __doc__)
     p.add_argument("--num_samples", type=int, default=1000, help="training sample of the rescaling check")
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.sweep, "results.csv")):
-        raise SystemExit(f"no results in {args.sweep}: run the sweep first (make reproduce-minimum_sharpness)")
-    frame = sweep_frame(args.sweep)
+    frame = sweep_results(args.sweep, "minimum_sharpness")
     sgd = frame[frame[RHO] == 0.0].sort_values("seed_everything")
     ckpt = glob.glob(os.path.join(args.sweep, sgd.iloc[0]["run_dir"], "checkpoints", "final.ckpt"))[0]
     scaled = rescaling(ckpt, args.num_samples)
@@ -127,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "sam_lower": lower,
         "sam_higher_test_acc": sam_better_acc,
     }
-    written = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, [fig_a, fig_b])
-    json.dump(numbers, sys.stdout, indent=1, default=str)
-    print(f"\nverdict: {verdict} ({written})")
-    return {"verdict": verdict, "numbers": numbers}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, [fig_a, fig_b])
 
 
 if __name__ == "__main__":

@@ -18,15 +18,11 @@ else *not reproduced*.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
 import numpy as np
 
-from flatlit.analysis.sweep_table import sweep_frame
-from flatlit.analysis.verdict import write_verdict
+from flatlit.analysis.verdict import report_verdict, reproduction_parser, sweep_results
 from flatlit.figures.reproductions import series_figure
 from flatlit.figures.style import save
 
@@ -49,13 +45,9 @@ LOG = ("measure/frobenius_norm_product", "measure/spectral_norm_product")  # rep
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/neyshabur_norms/sweep", help="the sweep's output")
-    p.add_argument("--output", default="runs/reproductions/neyshabur_norms", help="verdict.json and figures")
+    p = reproduction_parser("neyshabur_norms", __doc__)
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.sweep, "results.csv")):
-        raise SystemExit(f"no results in {args.sweep}: run the sweep first (make reproduce-neyshabur_norms)")
-    frame = sweep_frame(args.sweep).sort_values(SIZE)
+    frame = sweep_results(args.sweep, "neyshabur_norms").sort_values(SIZE)
     series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     numbers: dict[str, object] = {"converged": {}, "measures": {}}
     sizes = sorted(frame[SIZE].astype(int).unique())
@@ -91,10 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     figure = save(fig, os.path.join(args.output, "neyshabur_norms.png"))
     numbers["sizes"] = [int(s) for s in sizes]
-    written = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
-    json.dump(tracks, sys.stdout, indent=1)
-    print(f"\nverdict: {verdict} ({written})")
-    return {"verdict": verdict, "numbers": numbers}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure], tracks)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,12 @@ c: at both learning rates the final-λ₁ interval of γ = 0.1 lies above γ = 1
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
 import numpy as np
 
 from flatlit.analysis.run_files import load_run
-from flatlit.analysis.sweep_table import sweep_frame
-from flatlit.analysis.verdict import above, mean_interval, write_verdict
+from flatlit.analysis.verdict import above, mean_interval, report_verdict, reproduction_parser, sweep_results
 from flatlit.figures.reproductions import series_figure
 from flatlit.figures.style import save
 
@@ -40,13 +36,9 @@ LR, GAMMA = "model.init_args.optimizer.init_args.lr", "model.init_args.overshoot
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default="runs/reproductions/sharpest_directions/sweep", help="the sweep's output")
-    p.add_argument("--output", default="runs/reproductions/sharpest_directions", help="verdict.json and figures")
+    p = reproduction_parser("sharpest_directions", __doc__)
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.sweep, "results.csv")):
-        raise SystemExit(f"no results in {args.sweep}: run the sweep first (make reproduce-sharpest_directions)")
-    frame = sweep_frame(args.sweep)
+    frame = sweep_results(args.sweep, "sharpest_directions")
     per_run: dict[tuple[float, float], list[dict[str, float]]] = {}
     curves: dict[tuple[float, float], list[tuple[np.ndarray, np.ndarray]]] = {}
     for _, row in frame.iterrows():
@@ -94,10 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "seeds": int(max(len(v) for v in per_run.values())),
         "checks": checks,
     }
-    written = write_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
-    json.dump(numbers, sys.stdout, indent=1)
-    print(f"\nverdict: {verdict} ({written})")
-    return {"verdict": verdict, "numbers": numbers}
+    return report_verdict(args.output, CLAIM, PAPER, verdict, numbers, [figure])
 
 
 if __name__ == "__main__":
