@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlit.sharpness import MeasureInputs, compute_measure, get_measure
+from tests.sharpness.test_norms import bn_cnn
 
 EPS = 1e-5  # BatchNorm's default eps
 NEW = ["sum_of_spectral", "sum_of_frobenius", "frobenius_over_spectral", "spec_init", "spec_orig", "dist_spec_init"]
@@ -24,25 +25,9 @@ def mlp() -> nn.Module:
 
 
 def cnn() -> nn.Module:
-    """conv(pad 1) → BN → ReLU → conv(stride 2) → BN → ReLU → flatten → linear, with non-trivial BN statistics."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.Conv2d(3, 4, 3, stride=2),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 2 * 2, 3),
-    ).double()
-    with torch.no_grad():
-        for bn in (net[1], net[4]):
-            bn.weight.uniform_(0.5, 2.0)
-            bn.bias.uniform_(-1.0, 1.0)
-            bn.running_mean.normal_()
-            bn.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    """conv(pad 1) → BN → ReLU → conv(stride 2) → BN → ReLU → flatten → linear, with non-trivial BN statistics
+    (test_norms' network)."""
+    return bn_cnn()
 
 
 SHAPES = {"mlp": (4,), "cnn": (2, 6, 6)}
